@@ -1,0 +1,230 @@
+"""Stateless quantizer math: rounding with straight-through and modified gradients, the uniform
+fake-quantizer (one fused autograd function for U1/U2/U3), the power-of-two fake-quantizer, and
+bit-width inference. No parameters and no modules live here; `docs/math.md` is the spec and
+`tests/references.py` re-implements every formula in float64 numpy.
+
+Notation (methods.md 1.1.1): `scale` is the step size d, `qmax` the dynamic range q_max, `bits` the
+bit width b, `levels` the largest integer code n = round(qmax / scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Rounding-gradient modifiers (methods.md 2.1.3). A modifier multiplies the upstream gradient of
+# round(u) by a factor m(r, g) where r = u - round(u) in [-1/2, 1/2] and g is the upstream gradient.
+MODIFIERS = ("ste", "ewgs", "atanh", "psgd", "tanh", "acos")
+ATANH_ALPHA = 1.9
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def ceil_ste(x: Tensor) -> Tensor:
+    """ceil(x) in the forward pass, identity in the backward pass."""
+    return x + (torch.ceil(x) - x).detach()
+
+
+def pow2_ste(x: Tensor) -> Tensor:
+    """2^round(log2 x), straight-through on the round, so d/dx = 2^round(log2 x) / x."""
+    return torch.exp2(round_ste(torch.log2(x)))
+
+
+def modifier_factor(r: Tensor, g: Tensor, modifier: str, delta: float) -> Tensor | float:
+    """The factor m by which a modifier scales the gradient of round (methods.md 2.1.3).
+
+    ste: 1;  ewgs: 1 + delta sign(g) r;  atanh: 1 + delta sign(g) 0.5/atanh(a/2) atanh(a r), a=1.9;
+    psgd: 1 + delta |r|;  tanh: 1 + delta 0.5 sign(g) tanh(4 r);  acos: 1 + delta 0.5 sin(pi r).
+    """
+    if modifier == "ste" or delta == 0.0:
+        return 1.0
+    if modifier == "ewgs":
+        return 1.0 + delta * torch.sign(g) * r
+    if modifier == "atanh":
+        norm = 0.5 / math.atanh(ATANH_ALPHA / 2)
+        return 1.0 + delta * torch.sign(g) * norm * torch.atanh(ATANH_ALPHA * r)
+    if modifier == "psgd":
+        return 1.0 + delta * torch.abs(r)
+    if modifier == "tanh":
+        return 1.0 + delta * 0.5 * torch.sign(g) * torch.tanh(4.0 * r)
+    if modifier == "acos":
+        return 1.0 + delta * 0.5 * torch.sin(math.pi * r)
+    raise ValueError(f"unknown modifier {modifier!r}; choose one of {', '.join(MODIFIERS)}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Quantizer arithmetic runs in float32 (float64 when given float64): a bf16 x / scale would
+    # pick wrong integer codes for anything above 8 bits of levels.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _UniformFakeQuant(torch.autograd.Function):
+    """Q(x) = scale * round(clip(x, lo, qmax) / scale), lo = -qmax (signed) or 0 (unsigned).
+
+    Backward (methods.md 1.1.1, with the rounding modifier m of 2.1.3 applied to every path
+    through the rounding; u = x / scale, inside = lo <= x <= qmax):
+        dQ/dx     = m                        inside, 0 outside
+        dQ/dscale = round(u) - m u           inside, 0 outside   (= (Q - x) / scale when m = 1)
+        dQ/dqmax  = 0 inside; +1 above qmax; -1 below -qmax (signed only)
+    The scale and qmax gradients are summed over each slice and multiplied by `grad_scale`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, qmax, signed: bool, modifier: str, delta: float, grad_scale):
+        dtype = _compute_dtype(x)
+        xf, s, q = x.to(dtype), scale.to(dtype), qmax.to(dtype)
+        lo = -q if signed else torch.zeros_like(q)
+        x_hat = torch.round(torch.clamp(xf, lo, q) / s) * s
+        ctx.save_for_backward(x, scale, qmax, grad_scale)
+        ctx.signed, ctx.modifier, ctx.delta = signed, modifier, delta
+        return x_hat.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale, qmax, grad_scale = ctx.saved_tensors
+        dtype = _compute_dtype(x)
+        xf, s, q, gf = x.to(dtype), scale.to(dtype), qmax.to(dtype), g.to(dtype)
+        u = xf / s
+        code = torch.round(u)
+        lo = -q if ctx.signed else torch.zeros_like(q)
+        inside = (xf >= lo) & (xf <= q)
+        m = modifier_factor(u - code, gf, ctx.modifier, ctx.delta)
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        grad_x = grad_scale_d = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.where(inside, gf * m, zero).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            g_s = torch.where(inside, gf * (code - m * u), zero).sum_to_size(scale.shape)
+            grad_scale_d = (g_s * grad_scale).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            above = (xf > q).to(dtype)
+            below = (xf < -q).to(dtype) if ctx.signed else zero
+            g_q = (gf * (above - below)).sum_to_size(qmax.shape)
+            grad_q = (g_q * grad_scale).to(qmax.dtype)
+        return grad_x, grad_scale_d, grad_q, None, None, None, None
+
+
+def fake_quant_uniform(
+    x: Tensor,
+    scale: Tensor,
+    qmax: Tensor,
+    signed: bool,
+    modifier: str = "ste",
+    delta: float = 0.0,
+    grad_scale: Tensor | float = 1.0,
+) -> Tensor:
+    """Uniform fake-quantization with learned step `scale` and range `qmax` (U3 semantics).
+
+    `scale` and `qmax` broadcast against `x` (shape (S, 1, ...) or (1, S, 1, 1) for slices). U1 and
+    U2 call this with qmax = levels * scale or scale = qmax / levels, and autograd chains through
+    those relations, which reproduces their gradients in methods.md 1.1.1 exactly.
+    """
+    if not isinstance(grad_scale, Tensor):
+        grad_scale = torch.tensor(float(grad_scale), device=scale.device, dtype=scale.dtype)
+    return _UniformFakeQuant.apply(x, scale, qmax, signed, modifier, delta, grad_scale)
+
+
+def quantize_uniform(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool) -> Tensor:
+    """The integer codes of `fake_quant_uniform`: round(clip(x, lo, qmax) / scale), as float."""
+    dtype = _compute_dtype(x)
+    q = qmax.to(dtype)
+    lo = -q if signed else torch.zeros_like(q)
+    return torch.round(torch.clamp(x.to(dtype), lo, q) / scale.to(dtype))
+
+
+def max_code(bits: Tensor | int, signed: bool) -> Tensor | int:
+    """Largest integer code at `bits` bits: 2^(bits-1) - 1 signed (symmetric), 2^bits - 1 unsigned."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def uniform_bits(scale: Tensor, qmax: Tensor, signed: bool, bits_min: float) -> Tensor:
+    """Inferred bit width (methods.md 2.1.2): max(ceil(log2(round(qmax/scale) + 1)) + signed, bits_min).
+
+    Straight-through on round and ceil, so the result is an integer-valued tensor whose gradient
+    with respect to scale and qmax is that of log2(qmax/scale + 1): a size penalty on it trains.
+    """
+    levels = round_ste(qmax / scale)
+    bits = ceil_ste(torch.log2(levels + 1)) + int(signed)
+    return torch.clamp(bits, min=bits_min)
+
+
+def round_bits(bits: Tensor, bits_min: float, bits_max: float) -> Tensor:
+    """A learned, continuous bit width made an integer: round(clip(b, b_min, b_max)), straight-through."""
+    return round_ste(torch.clamp(bits, bits_min, bits_max))
+
+
+# ---------------------------------------------------------------------------------------------
+# Power-of-two quantizer (methods.md 1.1.2)
+
+
+class _Pow2FakeQuant(torch.autograd.Function):
+    """Q(x) = s * {0 if a < qmin/sqrt2 (with_zero); qmin if a < qmin; 2^round(log2 a) if a < qmax;
+    qmax otherwise}, with a = |x|, s = sign(x) (signed) or a = relu(x), s = 1 (unsigned).
+
+    No gradient flows through the region masks or the sign. dQ/dx = 2^round(log2 a) / a in the
+    middle region (straight-through on the round in the log domain), 0 elsewhere; dQ/dqmax = s
+    above qmax; dQ/dqmin = s in the qmin region.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qmin, qmax, signed: bool, with_zero: bool):
+        dtype = _compute_dtype(x)
+        xf, lo, hi = x.to(dtype), qmin.to(dtype), qmax.to(dtype)
+        region, mag = _pow2_regions(xf, lo, hi, signed, with_zero)
+        sign = torch.where(xf < 0, -1.0, 1.0).to(dtype) if signed else 1.0
+        ctx.save_for_backward(x, qmin, qmax)
+        ctx.signed, ctx.with_zero = signed, with_zero
+        del region
+        return (sign * mag).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, qmin, qmax = ctx.saved_tensors
+        dtype = _compute_dtype(x)
+        xf, gf = x.to(dtype), g.to(dtype)
+        region, mag = _pow2_regions(xf, qmin.to(dtype), qmax.to(dtype), ctx.signed, ctx.with_zero)
+        sign = torch.where(xf < 0, -1.0, 1.0).to(dtype) if ctx.signed else 1.0
+        a = torch.abs(xf) if ctx.signed else torch.relu(xf)
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        grad_x = torch.where(region == 2, gf * mag / torch.where(a > 0, a, 1.0), zero)
+        grad_lo = torch.where(region == 1, gf * sign, zero).sum_to_size(qmin.shape)
+        grad_hi = torch.where(region == 3, gf * sign, zero).sum_to_size(qmax.shape)
+        return grad_x.to(x.dtype), grad_lo.to(qmin.dtype), grad_hi.to(qmax.dtype), None, None
+
+
+def _pow2_regions(x, qmin, qmax, signed, with_zero):
+    """Region index (0 zero, 1 qmin, 2 power-of-two, 3 qmax) and output magnitude."""
+    a = torch.abs(x) if signed else torch.relu(x)
+    exponent = torch.round(torch.log2(torch.where(a > 0, a, qmin)))
+    region = torch.full_like(x, 2, dtype=torch.int8)
+    region = torch.where(a >= qmax, 3, region)
+    region = torch.where(a < qmin, 1, region)
+    if with_zero:
+        region = torch.where(a < qmin / math.sqrt(2), 0, region)
+    mag = torch.where(region == 2, torch.exp2(exponent), torch.zeros_like(x))
+    mag = torch.where(region == 1, qmin, mag)
+    mag = torch.where(region == 3, qmax, mag)
+    return region, mag
+
+
+def fake_quant_pow2(x: Tensor, qmin: Tensor, qmax: Tensor, signed: bool, with_zero: bool) -> Tensor:
+    """Power-of-two fake-quantization; `qmin` and `qmax` must already be powers of two."""
+    return _Pow2FakeQuant.apply(x, qmin, qmax, signed, with_zero)
+
+
+def pow2_bits(qmin: Tensor, qmax: Tensor, signed: bool, with_zero: bool) -> Tensor:
+    """Inferred bit width of the power-of-two quantizer (P3, methods.md 1.1.2):
+    ceil(log2(log2(qmax/qmin) + 1)) + signed + with_zero, at least 1; straight-through on ceil."""
+    exponents = torch.log2(qmax / qmin) + 1
+    bits = ceil_ste(torch.log2(exponents)) + int(signed) + int(with_zero)
+    return torch.clamp(bits, min=1)
+
+
+def pow2_exponent_count(bits: Tensor, signed: bool, with_zero: bool) -> Tensor:
+    """Number of power-of-two magnitudes 2^n that `bits` bits encode, n = bits - signed - with_zero."""
+    return torch.exp2(bits - int(signed) - int(with_zero))
