@@ -249,6 +249,21 @@ class UniformQuantizer(SliceQuantizer):
             self.qmax.copy_(torch.minimum(torch.maximum(hi, step), step * top))
 
     @torch.no_grad()
+    def one_bit_less(self) -> list[dict[str, Tensor]]:
+        """Candidate parameter values that lower every slice by one bit: fewer levels at the same
+        step (a narrower range) or, for U3, twice the step at the same range. Used by
+        `budget.enforce_budgets_`; slices already at their floor are filtered there."""
+        if self.cfg.param != "u3":
+            return [{"bits": self.bits - 1}]
+        signed = bool(self.signed)
+        step, qmax = self.step_and_range()
+        raw = F.uniform_bits(step, qmax, signed, 1)
+        top = F.max_code(torch.clamp(raw - 1, min=1 + int(signed)), signed)
+        coarse = step * 2
+        return [{"qmax": step * top},
+                {"scale": coarse, "qmax": torch.maximum(torch.minimum(qmax, coarse * top), coarse)}]
+
+    @torch.no_grad()
     def clip_grads_(self) -> None:
         """Clip the scale and qmax gradients to +-scale (methods.md 1.1.3)."""
         if not self.cfg.grad_clip:
@@ -347,6 +362,15 @@ class Pow2Quantizer(SliceQuantizer):
                 -self._magnitudes(float(cfg.bits_max)))
             self.qmin.copy_(torch.maximum(lo, floor))
             self.qmax.copy_(hi)
+
+    @torch.no_grad()
+    def one_bit_less(self) -> list[dict[str, Tensor]]:
+        """Candidate parameter values one bit narrower per slice (see UniformQuantizer)."""
+        if self.cfg.param != "p3":
+            return [{"bits": self.bits - 1}]
+        qmin, qmax = self.min_and_max()
+        bits = F.pow2_bits(qmin, qmax, bool(self.signed), self.cfg.with_zero)
+        return [{"qmin": torch.minimum(qmax * torch.exp2(-self._magnitudes(bits - 1)), qmax)}]
 
     @torch.no_grad()
     def clip_grads_(self) -> None:
