@@ -508,7 +508,11 @@ class DeviceLoader:
             x, y = self.x[idx], self.y[idx]
             if augment:
                 x = self._augment(x, torch.Generator().manual_seed(_seed(self.seed, e, i)))
-            yield torch.addcmul(self.shift, x.float(), self.scale), y
+            yield self.normalize(x), y
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> normalized float32, (x / 255 - mean) / std in one op."""
+        return torch.addcmul(self.shift, x.float(), self.scale)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, c, h, w = x.shape

@@ -1,0 +1,285 @@
+"""The mixq integer model: a file format and a reference executor that uses integers only.
+
+File: a safetensors container (no pickle) holding packed weight codes, per-slice bit widths and
+step exponents, int biases, input lookup tables and codebooks, plus a JSON manifest in its header:
+the graph (one node per layer or op), per-layer bits and bytes, the data set's normalization, and
+a SHA-256 of every tensor so damage is detected on load.
+
+Executor: every tensor between layers is exact fixed point, `Fixed(v, e, d)` = v * 2^e / d with
+integer values v (int64), a power-of-two exponent e per channel and an integer divisor d (from
+average pooling). Convolutions accumulate integer codes in int64; requantization to the next
+quantizer's codes is a shift (or, for non power-of-two steps, an integer multiplier and shift)
+with round-half-to-even, the rounding torch.round uses. Nothing here touches floating point until
+the final logits are reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .pack import unpack_base_k, unpack_bits
+
+FORMAT = "mixq-int/1"
+
+
+class ExportFormatError(ValueError):
+    """A damaged, truncated or foreign file."""
+
+
+@dataclass
+class Fixed:
+    """v * 2^e / d: v int64 (N, C, ...) or (N, F), e int64 (C,) or (F,), d a positive int."""
+
+    v: np.ndarray
+    e: np.ndarray
+    d: int = 1
+
+    def channel_shape(self) -> tuple[int, ...]:
+        return (1, -1) + (1,) * (self.v.ndim - 2)
+
+    def aligned(self) -> tuple[np.ndarray, int]:
+        """(values at the common exponent min(e), that exponent): exact left shifts."""
+        base = int(self.e.min())
+        return self.v << (self.e - base).reshape(self.channel_shape()), base
+
+    def to_float(self) -> np.ndarray:
+        return self.v * np.exp2(self.e.astype(np.float64)).reshape(self.channel_shape()) / self.d
+
+
+def round_half_even_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """round(num / den) with ties to even, in integers (den > 0)."""
+    q = np.floor_divide(num, den)
+    twice = 2 * (num - q * den)
+    return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
+
+
+def dyadic(step: float, mult_bits: int = 15) -> tuple[int, int]:
+    """step ~= mult * 2^exp with an odd integer mult < 2^mult_bits (mult = 1 for powers of two)."""
+    exp = int(np.floor(np.log2(step))) - (mult_bits - 1)
+    mult = int(round(step / 2.0**exp))
+    while mult % 2 == 0:
+        mult, exp = mult // 2, exp + 1
+    return mult, exp
+
+
+def requantize(x: Fixed, quant: dict) -> np.ndarray:
+    """Integer codes clamp(round(x / step), lo, n) of a quantizer with step = mult * 2^exp:
+    x / step = v 2^(e - exp) / (d mult), one exact integer division with ties to even."""
+    shift = (x.e - int(quant["exp"])).reshape(x.channel_shape())
+    num = x.v << np.maximum(shift, 0)
+    den = (x.d * int(quant.get("mult", 1))) << np.maximum(-shift, 0)
+    codes = round_half_even_div(num, den)
+    lo = -int(quant["n"]) if quant["signed"] else 0
+    return np.clip(codes, lo, int(quant["n"]))
+
+
+def conv2d_int(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int) -> np.ndarray:
+    """Integer 2-D convolution, int64 accumulators. x (N, C, H, W), w (O, C/groups, kh, kw)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    o, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
+    n, _, oh, ow = win.shape[:4]
+    og = o // groups
+    if cg == 1 and og == 1:  # depthwise
+        return np.einsum("nchwij,cij->nchw", win, w[:, 0], optimize=True)
+    out = np.empty((n, o, oh, ow), dtype=np.int64)
+    for g in range(groups):
+        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        wg = w[g * og:(g + 1) * og].reshape(og, -1)
+        out[:, g * og:(g + 1) * og] = (cols @ wg.T).reshape(n, oh, ow, og).transpose(0, 3, 1, 2)
+    return out
+
+
+def _pool_windows(x: np.ndarray, kernel, stride, padding, fill) -> np.ndarray:
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    return sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+
+
+@dataclass
+class IntModel:
+    """An exported model: `manifest` (JSON-able) and `tensors` (numpy arrays)."""
+
+    manifest: dict
+    tensors: dict[str, np.ndarray]
+    _weights: dict = field(default_factory=dict, repr=False)
+
+    # -- file --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> int:
+        """Write the file; returns its size in bytes."""
+        from safetensors.numpy import save_file
+
+        manifest = dict(self.manifest)
+        manifest["sha256"] = _digest(self.tensors)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path),
+                  metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+        return Path(path).stat().st_size
+
+    @classmethod
+    def load(cls, path: str | Path) -> IntModel:
+        """Read a file written by `save`; a damaged or foreign file raises ExportFormatError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no exported model at {path}")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises several kinds on damaged headers
+            raise ExportFormatError(f"{path} is not a readable mixq integer model (damaged or "
+                                    f"truncated?): {err}") from None
+        if meta.get("format") != FORMAT:
+            raise ExportFormatError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
+        try:
+            manifest = json.loads(meta["manifest"])
+        except (KeyError, json.JSONDecodeError) as err:
+            raise ExportFormatError(f"{path} has a damaged manifest: {err}") from None
+        if manifest.pop("sha256", None) != _digest(tensors):
+            raise ExportFormatError(f"{path} is damaged: its tensors fail the SHA-256 checksum")
+        return cls(manifest, tensors)
+
+    # -- weights -------------------------------------------------------------------------------
+    def weight_codes(self, layer: dict) -> np.ndarray:
+        """Integer weights of a layer (O, ...), decoded once: uniform codes, or codebook values."""
+        name = layer["name"]
+        if name not in self._weights:
+            t, shape = self.tensors, layer["weight_shape"]
+            count = int(np.prod(shape))
+            slice_bits = t[f"{name}.w_slices"][:, 0].astype(np.int64)
+            per_slice = count // len(slice_bits)
+            if layer.get("codebook"):
+                k = layer["levels"]
+                blob = t[f"{name}.w_packed"].tobytes()
+                if layer["packing"] == "base_k":
+                    idx = unpack_base_k(blob, k, count)
+                else:
+                    idx = unpack_bits(blob, np.repeat(slice_bits, per_slice), signed=False)
+                book = t[f"{name}.codebook"].astype(np.int64)  # (S, k)
+                rows = idx.reshape(len(book), -1)
+                codes = np.take_along_axis(book, rows, axis=1)
+            else:
+                codes = unpack_bits(t[f"{name}.w_packed"].tobytes(), np.repeat(slice_bits, per_slice),
+                                    signed=True)
+            self._weights[name] = codes.reshape(shape).astype(np.int64)
+        return self._weights[name]
+
+    # -- execution -----------------------------------------------------------------------------
+    def run(self, images: np.ndarray) -> Fixed:
+        """Execute on uint8 images (N, C, H, W); returns the output as exact fixed point."""
+        values: dict[str, Fixed | np.ndarray] = {}
+        for node in self.manifest["graph"]:
+            op, args = node["op"], [values[i] for i in node["inputs"]]
+            values[node["name"]] = self._op(op, node, args, images)
+        return values[self.manifest["graph"][-1]["name"]]
+
+    def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            v, _ = self.run(images[i:i + batch_size]).aligned()  # same exponent and divisor
+            out.append(v.argmax(axis=1))
+        return np.concatenate(out)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images).to_float()
+
+    def _op(self, op, node, args, images):
+        if op == "input":
+            return images
+        if op == "output":
+            return args[0]
+        if op in ("conv", "linear"):
+            return self._layer(node, args[0])
+        if op == "quant":
+            x = args[0]
+            if node.get("cap") is not None:
+                x = _clamp_max(x, node["cap"])
+            q = node["quant"]
+            return Fixed(requantize(x, q) * int(q.get("mult", 1)), np.full(x.v.shape[1], q["exp"]))
+        x = args[0]
+        if op == "relu":
+            return Fixed(np.maximum(x.v, 0), x.e, x.d)
+        if op == "relu6":
+            return _clamp_max(Fixed(np.maximum(x.v, 0), x.e, x.d), 6.0)
+        if op == "identity":
+            return x
+        if op == "add":
+            return _add(*args)
+        if op == "maxpool":
+            win = _pool_windows(x.v, node["kernel"], node["stride"], node["padding"], np.iinfo(np.int64).min)
+            return Fixed(win.max(axis=(-2, -1)), x.e, x.d)
+        if op == "avgpool":
+            win = _pool_windows(x.v, node["kernel"], node["stride"], node["padding"], 0)
+            return Fixed(win.sum(axis=(-2, -1)), x.e, x.d * int(np.prod(node["kernel"])))
+        if op == "gap":
+            return Fixed(x.v.sum(axis=(2, 3), keepdims=node.get("keepdim", True)), x.e,
+                         x.d * x.v.shape[2] * x.v.shape[3])
+        if op == "flatten":
+            spatial = int(np.prod(x.v.shape[2:])) if x.v.ndim > 2 else 1
+            return Fixed(x.v.reshape(len(x.v), -1), np.repeat(x.e, spatial), x.d)
+        if op == "subsample":
+            s = node["stride"]
+            return Fixed(x.v[:, :, ::s[0], ::s[1]], x.e, x.d)
+        if op == "pad_channels":
+            lo, hi = node["pad"]
+            v = np.pad(x.v, ((0, 0), (lo, hi)) + ((0, 0),) * (x.v.ndim - 2))
+            e = np.pad(x.e, (lo, hi), constant_values=int(x.e.min()))
+            return Fixed(v, e, x.d)
+        raise ExportFormatError(f"unknown op {op!r} in node {node['name']!r}")
+
+    def _layer(self, node: dict, x) -> Fixed:
+        layer = self.manifest["layers"][node["layer"]]
+        name, quant = layer["name"], layer["in_quant"]
+        if isinstance(x, np.ndarray):  # the raw uint8 image: per-channel lookup table to codes
+            lut = self.tensors[f"{name}.in_lut"].astype(np.int64)  # (C, 256)
+            codes = np.stack([lut[c][x[:, c]] for c in range(x.shape[1])], axis=1)
+        else:
+            codes = requantize(x, quant)
+        w = self.weight_codes(layer)
+        if node["op"] == "conv":
+            acc = conv2d_int(codes, w, layer["stride"], layer["padding"], layer["dilation"], layer["groups"])
+        else:
+            acc = codes @ w.T
+        slices = self.tensors[f"{name}.w_slices"].astype(np.int64)  # (S, 2): bits, exponent
+        per_slice = w.shape[0] // len(slices)
+        w_exp = np.repeat(slices[:, 1], per_slice)
+        w_mult = np.repeat(self.tensors.get(f"{name}.w_mult", np.ones(len(slices))).astype(np.int64),
+                           per_slice)
+        shape = (1, -1) + (1,) * (acc.ndim - 2)
+        if f"{name}.bias" in self.tensors:  # on the accumulator grid: units of step_in * step_w
+            acc = acc + self.tensors[f"{name}.bias"].astype(np.int64).reshape(shape)
+        scale = (int(quant.get("mult", 1)) * w_mult).reshape(shape)
+        return Fixed(acc * scale, int(quant["exp"]) + w_exp, 1)
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(tensors[k]).tobytes())
+    return h.hexdigest()
+
+
+def _clamp_max(x: Fixed, cap: float) -> Fixed:
+    """min(x, cap) exactly: shift x to an exponent at which cap is an integer multiple."""
+    e = np.minimum(x.e, 0)
+    v = x.v << (x.e - e).reshape(x.channel_shape())
+    bound = (np.round(cap * x.d * np.exp2(-e.astype(np.float64)))).astype(np.int64)
+    return Fixed(np.minimum(v, bound.reshape(x.channel_shape())), e, x.d)
+
+
+def _add(a: Fixed, b: Fixed) -> Fixed:
+    """a + b exactly: common divisor, then the smaller exponent per channel."""
+    e = np.minimum(a.e, b.e)
+    va = (a.v * b.d) << (a.e - e).reshape(a.channel_shape())
+    vb = (b.v * a.d) << (b.e - e).reshape(b.channel_shape())
+    return Fixed(va + vb, e, a.d * b.d)
