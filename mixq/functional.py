@@ -225,6 +225,8 @@ def pow2_bits(qmin: Tensor, qmax: Tensor, signed: bool, with_zero: bool) -> Tens
     return torch.clamp(bits, min=1)
 
 
-def pow2_exponent_count(bits: Tensor, signed: bool, with_zero: bool) -> Tensor:
-    """Number of power-of-two magnitudes 2^n that `bits` bits encode, n = bits - signed - with_zero."""
-    return torch.exp2(bits - int(signed) - int(with_zero))
+def pow2_exponent_count(bits: Tensor | float, signed: bool, with_zero: bool) -> Tensor:
+    """Number of power-of-two magnitudes 2^n that `bits` bits encode, n = bits - signed - with_zero.
+    `bits` may be a Python number (calibration and projection pass cfg.bits_init / bits_max)."""
+    n = bits - int(signed) - int(with_zero)
+    return torch.exp2(n if isinstance(n, Tensor) else torch.tensor(float(n), dtype=torch.float64))

@@ -46,11 +46,16 @@ class _QuantizedLayer:
             return step.expand(self.weight.shape[0])
         return step.repeat_interleave(self.w_quant.group) if self.w_quant.group > 1 else step
 
+    def accumulator_step(self) -> Tensor:
+        """Per output channel step of the accumulator: input step x weight step. With per-channel
+        input steps the finest one is used (every input grid is a multiple of it for 2^k steps)."""
+        return self.in_quant.grid_step().min() * self.channel_step()
+
     def quantized_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
         w_hat = self.w_quant(self.weight)
         b = self.bias
         if b is not None and self.in_quant is not None:
-            b = quantize_bias(b, self.in_quant.grid_step() * self.channel_step(), self.bias_bits)
+            b = quantize_bias(b, self.accumulator_step(), self.bias_bits)
         return w_hat, b
 
     def _quantized_forward(self, x: Tensor, op) -> Tensor:

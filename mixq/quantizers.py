@@ -153,12 +153,18 @@ class UniformQuantizer(SliceQuantizer):
         super().__init__(cfg, num_channels, axis, where)
         signed = True if self.signed is None else self.signed
         scale0 = 2.0**-3  # Uhlich's initial step (methods.md 1.1.4), until calibration
-        self.scale = nn.Parameter(torch.full((self.slices,), scale0))
+        if cfg.param in ("u1", "u3"):
+            self.scale = nn.Parameter(torch.full((self.slices,), scale0))
         if cfg.param in ("u2", "u3"):
             top = scale0 * F.max_code(cfg.bits_init, signed)
             self.qmax = nn.Parameter(torch.full((self.slices,), float(top)))
         if cfg.param in ("u1", "u2"):
             self.bits = nn.Parameter(torch.full((self.slices,), float(cfg.bits_init)))
+
+    def learned_bits(self) -> Tensor:
+        """U1/U2: the integer width round(clip(b)); a signed slice keeps at least 2 bits (-1, 0, 1)."""
+        cfg = self.cfg
+        return F.round_bits(self.bits, max(cfg.bits_min, 1 + bool(self.signed)), cfg.bits_max)
 
     def step_and_range(self) -> tuple[Tensor, Tensor]:
         """Per-slice (effective step, range), differentiable in the learned parameters."""
@@ -166,13 +172,15 @@ class UniformQuantizer(SliceQuantizer):
         if cfg.param == "u3":
             step = F.pow2_ste(self.scale) if cfg.pow2_scale else self.scale
             return step, self.qmax
-        bits = F.round_bits(self.bits, cfg.bits_min, cfg.bits_max)
+        bits = self.learned_bits()
         top = torch.exp2(bits - 1) - 1 if signed else torch.exp2(bits) - 1
         if cfg.param == "u1":
             step = F.pow2_ste(self.scale) if cfg.pow2_scale else self.scale
             return step, top * step
         step = self.qmax / top
-        return (F.pow2_ste(step) if cfg.pow2_scale else step), self.qmax
+        if cfg.pow2_scale:  # round the step up, so that round(qmax / step) <= max_code(b) holds
+            step = torch.exp2(F.ceil_ste(torch.log2(step)))
+        return step, self.qmax
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
@@ -198,7 +206,7 @@ class UniformQuantizer(SliceQuantizer):
         if self.cfg.param == "u3":
             step, qmax = self.step_and_range()
             return F.uniform_bits(step, qmax, bool(self.signed), self.cfg.bits_min)
-        return F.round_bits(self.bits, self.cfg.bits_min, self.cfg.bits_max)
+        return self.learned_bits()
 
     def grid_step(self) -> Tensor:
         return self.step_and_range()[0].detach()
@@ -222,8 +230,10 @@ class UniformQuantizer(SliceQuantizer):
                 qmax = step * top
         if cfg.pow2_scale:
             step = torch.exp2(torch.round(torch.log2(step)))
+        step = step.clamp(*cfg.scale_range)
         qmax = torch.minimum(qmax, step * top)  # exactly bits_init bits at the start
-        self.scale.copy_(step.clamp(*cfg.scale_range))
+        if cfg.param in ("u1", "u3"):
+            self.scale.copy_(step)
         if cfg.param in ("u2", "u3"):
             self.qmax.copy_(qmax)
         if cfg.param in ("u1", "u2"):
@@ -235,9 +245,10 @@ class UniformQuantizer(SliceQuantizer):
     def project_(self) -> None:
         """Keep scale <= qmax (swap), parameters in their ranges, and bits <= bits_max."""
         cfg = self.cfg
-        self.scale.clamp_(*cfg.scale_range)
+        if cfg.param in ("u1", "u3"):
+            self.scale.clamp_(*cfg.scale_range)
         if cfg.param in ("u1", "u2"):
-            self.bits.clamp_(cfg.bits_min, cfg.bits_max)
+            self.bits.clamp_(max(cfg.bits_min, 1 + bool(self.signed)), cfg.bits_max)
         if cfg.param == "u1":
             return
         self.qmax.clamp_(*cfg.qmax_range)
@@ -245,7 +256,7 @@ class UniformQuantizer(SliceQuantizer):
             lo, hi = torch.minimum(self.scale, self.qmax), torch.maximum(self.scale, self.qmax)
             self.scale.copy_(lo)
             step = torch.exp2(torch.round(torch.log2(lo))) if cfg.pow2_scale else lo
-            top = F.max_code(cfg.bits_max, bool(self.signed))
+            top = max(F.max_code(cfg.bits_max, bool(self.signed)), 1)
             self.qmax.copy_(torch.minimum(torch.maximum(hi, step), step * top))
 
     @torch.no_grad()
@@ -265,12 +276,14 @@ class UniformQuantizer(SliceQuantizer):
 
     @torch.no_grad()
     def clip_grads_(self) -> None:
-        """Clip the scale and qmax gradients to +-scale (methods.md 1.1.3)."""
+        """Clip the scale and qmax gradients to +-s (methods.md 1.1.3): s is the learned step (U1,
+        U3) or, for U2, the derived step."""
         if not self.cfg.grad_clip:
             return
-        for p in (self.scale, getattr(self, "qmax", None)):
+        bound = self.step_and_range()[0] if self.cfg.param == "u2" else self.scale
+        for p in (getattr(self, "scale", None), getattr(self, "qmax", None)):
             if p is not None and p.grad is not None:
-                torch.maximum(torch.minimum(p.grad, self.scale), -self.scale, out=p.grad)
+                torch.maximum(torch.minimum(p.grad, bound), -bound, out=p.grad)
 
 
 class Pow2Quantizer(SliceQuantizer):

@@ -71,7 +71,7 @@ def _layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
         tensors[f"{name}.w_mult"] = np.array([m for m, _ in pairs], dtype=np.int16)
     bias_bytes = 0.0
     if layer.bias is not None:
-        grid = layer.in_quant.grid_step() * layer.channel_step()
+        grid = layer.accumulator_step()
         top = 2 ** (layer.bias_bits - 1)
         bias = torch.clamp(torch.round(layer.bias.detach().double() / grid.double()), -top, top - 1)
         tensors[f"{name}.bias"] = bias.numpy().astype(np.int32 if layer.bias_bits <= 32 else np.int64)
