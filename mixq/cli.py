@@ -31,11 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--no-progress", action="store_true", help="no progress display")
 
-    e = sub.add_parser("eval", help="test accuracy of a run's final model (float64 fake-quant)")
-    e.add_argument("target", help="run folder")
+    e = sub.add_parser("eval", help="test accuracy of a run's final model (float64 fake-quant) or "
+                       "of an exported integer model file (integer executor)")
+    e.add_argument("target", help="run folder, or a file written by mixq export")
     e.add_argument("--data", default=None, help="data set folder (default: as the run found it)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--predictions", default=None, metavar="FILE.npy", help="save predicted classes")
+
+    x = sub.add_parser("export", help="write the packed integer model of a run (and ONNX/QONNX)")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--out", "-o", default=None, help="output file (default: RUN/model.mixq)")
+    x.add_argument("--onnx", default=None, metavar="FILE.onnx", help="also write ONNX with Q/DQ pairs")
+    x.add_argument("--qonnx", default=None, metavar="FILE.onnx", help="also write QONNX (Quant nodes)")
+    x.add_argument("--data", default=None, help="data set folder (for the parity check)")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser("report", help="size of a network at given bit widths, or of a run's model")
     r.add_argument("run", nargs="?", default=None, help="run folder (instead of --model)")
@@ -74,19 +83,63 @@ def cmd_eval(args) -> int:
     import numpy as np
     import torch
 
-    from .pipeline import load_run_model
-    from .train import evaluate
+    if Path(args.target).is_file():  # an exported integer model: the integer executor
+        from .data import load_dataset
+        from .export import IntModel
 
-    model, recipe, job = load_run_model(args.target)
-    if args.data:
-        from .pipeline import Job
-        job = Job(recipe, job.folder, data_root=args.data, device="cpu", progress=False)
-    result = evaluate(model, job.test, dtype=torch.float64)
+        int_model = IntModel.load(args.target)
+        meta = int_model.manifest
+        split = load_dataset(meta["dataset"], root=args.data, image_size=meta.get("image_size"))
+        predictions = int_model.predict(split.test_x.numpy())
+        labels = split.test_y.numpy()
+        acc = float((predictions == labels).mean())
+        out = {"target": args.target, "kind": "integer executor", "acc": acc, "images": int(len(labels))}
+    else:
+        from .pipeline import load_run_model
+        from .train import evaluate
+
+        model, _, job = load_run_model(args.target, data_root=args.data)
+        result = evaluate(model, job.test, dtype=torch.float64)
+        predictions = result["predictions"].numpy()
+        out = {"target": args.target, "kind": "fake-quant (float64)", "acc": result["acc"],
+               "loss": result["loss"], "images": int(len(predictions))}
     if args.predictions:
-        np.save(args.predictions, result["predictions"].numpy().astype(np.int64))
-    out = {"target": args.target, "kind": "fake-quant (float64)", "acc": result["acc"],
-           "loss": result["loss"], "images": int(result["predictions"].numel())}
-    print(json.dumps(out) if args.json else f"test accuracy {out['acc']:.4f} on {out['images']} images")
+        np.save(args.predictions, predictions.astype(np.int64))
+    print(json.dumps(out) if args.json else f"test accuracy {out['acc']:.4f} on {out['images']} images "
+          f"({out['kind']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.check import export_run
+
+    out = args.out or str(Path(args.run) / "model.mixq")
+    report = export_run(args.run, out, data_root=args.data)
+    if args.onnx or args.qonnx:
+        from .export import IntModel
+        from .export.onnx import to_onnx
+
+        int_model = IntModel.load(out)
+        for path, qonnx in ((args.onnx, False), (args.qonnx, True)):
+            if path:
+                Path(path).write_bytes(to_onnx(int_model, qonnx=qonnx).SerializeToString())
+                report["qonnx" if qonnx else "onnx"] = path
+    if args.json:
+        print(json.dumps(report))
+    else:
+        p = report["parity"]
+        print(f"wrote {out}: {report['file_bytes']} bytes = codes {report['code_bytes']} + bias "
+              f"{report['bias_bytes']} + scales/tables {report['scale_and_table_bytes']} + header and "
+              f"manifest {report['header_bytes']}")
+        print(f"parity on {p['images']} test images: {p['agree']} predictions equal, largest logit "
+              f"difference {p['max_logit_diff_steps']:g} output steps")
+        for key, slack in report["slack_bytes"].items():
+            state = "met" if slack >= 0 else "BROKEN"
+            print(f"{key}: {report['sizes'][key]:.0f} B, budget {report['budgets'][key]:.0f} B, "
+                  f"slack {slack:.0f} B ({state})")
+    if not report["budgets_met"]:
+        print("mixq export: error: the integer model breaks a budget of the run", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -136,11 +189,13 @@ def _ints(text: str, flag: str, count: int | None) -> list[int]:
     return values
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .export import ExportError, ExportFormatError
+    from .export.check import ParityError
     from .pipeline import CheckpointError
     from .train import Interrupted, NonFiniteLoss
 
@@ -148,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except Interrupted:
         return EXIT_INTERRUPTED
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, ParityError) as err:
         print(f"mixq: {err}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ExportError,
+            ExportFormatError) as err:
         print(f"mixq {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

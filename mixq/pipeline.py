@@ -53,12 +53,19 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not match this recipe's model: {first}. Was "
-                              "it written by another recipe or mixq version?") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no model state")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", shapes)) if keys)
+        raise CheckpointError(f"checkpoint {path} does not match this recipe's model ({details}); was "
+                              "it written by another recipe or mixq version?")
+    model.load_state_dict(state)
 
 
 def quick_recipe(recipe: Recipe) -> Recipe:
@@ -359,14 +366,16 @@ def summary_table(summary: dict, unit: str = "KiB") -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
-def load_run_model(run: str | Path, device: str = "cpu") -> tuple[nn.Module, Recipe, Job | None]:
-    """The final model of a run folder, rebuilt from its recipe (used by eval, report, export)."""
+def load_run_model(run: str | Path, device: str = "cpu", data_root=None) -> tuple[nn.Module, Recipe, Job]:
+    """The final model of a run folder, rebuilt from its recipe (used by eval, report, export).
+    The job's test loader holds the whole test set, also for a --quick run."""
     folder = RunFolder(run)
     if not (folder.path / "recipe.json").exists():
         raise FileNotFoundError(f"{folder.path} is not a mixq run folder (no recipe.json)")
     recipe = recipe_from_dict(folder.read_json("recipe.json"))
     ckpt = load_checkpoint(folder.ckpt / "final.pt")
-    job = Job(recipe, folder, device=device, progress=False)
+    full = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, num_train=None, num_test=None))
+    job = Job(full, folder, data_root=data_root, device=device, progress=False)
     if ckpt["quantized"]:
         job.quantize_(job.model, calibrate=False)
     load_model_state(job.model, ckpt["model"], folder.ckpt / "final.pt")

@@ -43,7 +43,7 @@ def _quant_spec(q, where: str) -> dict:
         step, qmax = q.step_and_range()
     mult, exp = dyadic(float(step))
     return {"exp": exp, "mult": mult, "n": int(torch.round(qmax / step)), "signed": bool(q.signed),
-            "step": float(step), "bits": int(q.bits_per_slice())}
+            "bits": int(q.bits_per_slice()), "elements": int(q.numel.sum())}
 
 
 @torch.no_grad()
