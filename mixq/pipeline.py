@@ -88,7 +88,7 @@ class Job:
         self.recipe, self.folder = recipe, folder
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.show = Progress(enabled=progress)
-        self.on_step = on_step or (lambda step: None)
+        self.on_step = on_step or (lambda stage, step: None)
         torch.manual_seed(recipe.seed)
         self._load_data(data_root)
         self.model = self.new_float_model()
@@ -205,7 +205,7 @@ class _Hooks:
         return ramp(progress, b.ramp_start, b.ramp_fraction)
 
     def on_step(self, step):
-        self.job.on_step(step)
+        self.job.on_step(self.stage, step)
 
     def save_best(self):
         save_atomic(self.job.model.state_dict(), self.job.folder.ckpt / f"best_stage{self.stage}.pt")
@@ -247,7 +247,11 @@ def train_run(recipe: Recipe, out: str | Path, *, data_root=None, quick: bool = 
     stages = [recipe.pretrain, *recipe.phases]
     with job.stop:
         try:
-            for stage in range(start_stage, len(stages)):
+            if recipe.method == "flexible":  # NUUQ: float, level allocation, PTQ (+FT), QAT phases
+                from .nuuq import run_flexible
+
+                run_flexible(job, results, state)
+            for stage in range(start_stage, len(stages)) if recipe.method != "flexible" else ():
                 resuming = state is not None and stage == start_stage
                 _run_stage(job, stage, stages[stage], state if resuming else None, results)
         except Interrupted as err:
@@ -337,6 +341,10 @@ def finish(job: Job, results: dict) -> dict:
         summary["all_budgets_met"] = all(summary["budgets_met"].values())
         summary["layers"] = report["layers"]
         summary["plan"] = quant_plan(job.model).to_dicts()
+        if recipe.method == "flexible":  # equivalent and stored bits, overhead, PTQ/FT accuracies
+            from .nuuq import add_flexible_summary
+
+            add_flexible_summary(summary, job.model, results)
     summary["phases"] = results.get("phases", {})
     summary["enforced_slices"] = results.get("enforced", {})
     summary["stage_seconds"] = results.get("stage_seconds", {})
@@ -376,7 +384,11 @@ def load_run_model(run: str | Path, device: str = "cpu", data_root=None) -> tupl
     ckpt = load_checkpoint(folder.ckpt / "final.pt")
     full = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, num_train=None, num_test=None))
     job = Job(full, folder, data_root=data_root, device=device, progress=False)
-    if ckpt["quantized"]:
+    if ckpt["quantized"] and recipe.method == "flexible":  # levels per layer from the state's shapes
+        from .nuuq import quantize_like_
+
+        quantize_like_(job, ckpt["model"])
+    elif ckpt["quantized"]:
         job.quantize_(job.model, calibrate=False)
     load_model_state(job.model, ckpt["model"], folder.ckpt / "final.pt")
     return job.model, recipe, job

@@ -32,3 +32,29 @@ def rng() -> np.random.Generator:
 def gen() -> torch.Generator:
     """A torch CPU generator with a fixed seed, fresh for every test."""
     return torch.Generator().manual_seed(20240611)
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY_RECIPE = os.path.join(FIXTURES, "tiny.toml")
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """A gzip'd big-endian IDX file (the Fashion-MNIST format) holding uint8 `array`."""
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> str:
+    """The real-data fixture (1,000 train / 500 test Fashion-MNIST images) as the four IDX files."""
+    data = np.load(os.path.join(FIXTURES, "fmnist_small.npz"))
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    for stem, key in (("train-images-idx3-ubyte", "train_x"), ("train-labels-idx1-ubyte", "train_y"),
+                      ("t10k-images-idx3-ubyte", "test_x"), ("t10k-labels-idx1-ubyte", "test_y")):
+        array = data[key]
+        write_idx(str(folder / f"{stem}.gz"), array.reshape(len(array), 28, 28) if array.ndim == 4 else array)
+    return str(folder)
