@@ -10,8 +10,11 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-PARAMETRIZATIONS = {"uniform": ("u1", "u2", "u3"), "pow2": ("p1", "p2", "p3")}
-KINDS = ("uniform", "pow2")
+PARAMETRIZATIONS = {"uniform": ("u1", "u2", "u3"), "pow2": ("p1", "p2", "p3"), "flexible": ("fq",)}
+KINDS = ("uniform", "pow2", "flexible")
+THRESHOLDS = ("midpoint", "learned")  # flexible kind only (nuuq.md 4.1)
+LEVEL_INITS = ("dp", "kmeans", "uniform")
+PACKINGS = ("bits", "base_k", "auto")
 GRANULARITIES = ("tensor", "channel", "group")
 MODIFIERS = ("ste", "ewgs", "atanh", "psgd", "tanh", "acos")
 INITS = ("mean3sigma", "pow2_max", "percentile", "max", "fixed")
@@ -76,6 +79,12 @@ class QuantizerConfig:
     bits_init: b0, the width that calibration initializes to; bits_min/bits_max bound the
         counted width (bits_min is a floor of the count, bits_max a projection of qmax).
     init: mean3sigma | pow2_max | percentile | max | fixed (methods.md 1.1.4, 2.1.1).
+    levels, thresholds, level_init, packing: the "flexible" kind only (NUUQ, nuuq.md; mixq/flexible.py):
+        k levels (2 <= k <= 2^bits_init; bits_init is the grid bits b) on the b-bit grid, thresholds
+        "midpoint" or "learned", levels from the exact grid-constrained optimum ("dp"), k-means then
+        snap ("kmeans") or a uniform block ("uniform"); codes stored at ceil(log2 k) bits ("bits"),
+        in base k ("base_k", e.g. 5 ternary codes per byte) or whichever is smaller ("auto").
+        param defaults to "fq" for that kind.
     """
 
     kind: str = "uniform"
@@ -96,9 +105,15 @@ class QuantizerConfig:
     with_zero: bool = False
     lsq_grad_scale: bool = False
     grad_clip: bool = True
+    levels: int = 4
+    thresholds: str = "midpoint"
+    level_init: str = "dp"
+    packing: str = "bits"
 
     def __post_init__(self):
         check_choice("quantizer kind", self.kind, KINDS)
+        if self.kind == "flexible" and self.param == "u3":  # the default param: the kind's only one
+            object.__setattr__(self, "param", "fq")
         check_choice(f"{self.kind} parametrization", self.param, PARAMETRIZATIONS[self.kind])
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("rounding-gradient modifier", self.modifier, MODIFIERS)
@@ -135,6 +150,14 @@ class QuantizerConfig:
             raise ValueError(f"percentile must lie in [50, 100], got {self.percentile}")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
+        check_choice("threshold mode", self.thresholds, THRESHOLDS)
+        check_choice("level initialization", self.level_init, LEVEL_INITS)
+        check_choice("packing", self.packing, PACKINGS)
+        if self.kind == "flexible" and (not isinstance(self.levels, int) or isinstance(self.levels, bool)
+                                        or not 2 <= self.levels <= 2**self.bits_init):
+            raise ValueError(f"levels (k) must be an integer in [2, 2^bits_init] = [2, {2**self.bits_init}] "
+                             f"for {self.bits_init} grid bits, got {self.levels!r}; raise bits_init or "
+                             "lower levels")
 
     def replace(self, **changes) -> QuantizerConfig:
         return dataclasses.replace(self, **changes)
@@ -166,18 +189,22 @@ class LayerRule:
         the first and last quantizable layer in module order.
     skip: leave the layer float. weight_bits / act_bits: fix that site's bit width (bits_min =
         bits_max = bits_init = value; the counted width is then exactly that value).
+    levels: a flexible weight quantizer's level count k for these layers (NUUQ per-layer allocations).
     """
 
     pattern: str
     skip: bool = False
     weight_bits: int | None = None
     act_bits: int | None = None
+    levels: int | None = None
 
     def __post_init__(self):
         for name in ("weight_bits", "act_bits"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 1 <= value <= 16):
                 raise ValueError(f"{name} in rule {self.pattern!r} must be an int in 1..16")
+        if self.levels is not None and (not isinstance(self.levels, int) or self.levels < 2):
+            raise ValueError(f"levels in rule {self.pattern!r} must be an int >= 2, got {self.levels!r}")
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,6 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     if unknown:
         key = unknown[0]
         raise ValueError(
-            f"unknown key {where}{key!r}; allowed: {', '.join(sorted(names))}" + closest(key, names)
+            f"unknown key '{where}{key}'; allowed: {', '.join(sorted(names))}" + closest(key, names)
         )
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
