@@ -19,7 +19,7 @@ from ..functional import quantize_uniform
 from ..layers import ActQuant, QConv2d, QLinear
 from ..quantizers import UniformQuantizer
 from .intmodel import FORMAT, IntModel, dyadic
-from .pack import pack_bits
+from .pack import pack_base_k, pack_bits
 
 SUPPORTED = ("Conv2d/Linear with an input quantizer, ActQuant, ReLU, ReLU6, MaxPool2d, AvgPool2d, "
              "AdaptiveAvgPool2d(1), Flatten/torch.flatten, Identity, Dropout, +, x[:, :, ::s, ::s], "
@@ -53,8 +53,15 @@ def _layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
     if layer.in_quant is None:
         raise ExportError(f"layer {name} has no input quantizer: the integer model needs every conv/"
                           "linear input quantized (QuantConfig(act_site='input'))")
+    if getattr(wq.cfg, "kind", None) == "flexible":  # NUUQ: codebook + packed level indices
+        return _codebook_layer_tensors(layer, name, lut_input, tensors)
     if not isinstance(wq, UniformQuantizer):
         raise ExportError(f"layer {name}: weight quantizer {type(wq).__name__} is not exportable")
+    if not wq.signed:
+        raise ExportError(f"layer {name}: the weight quantizer is unsigned; the format stores signed codes")
+    if getattr(layer, "out_quant", None) is not None:
+        raise ExportError(f"layer {name} has an output quantizer, which the integer format does not "
+                          "hold; quantize the next layer's input instead (QuantConfig(act_site='input'))")
     spec = _quant_spec(layer.in_quant, name)
     step, qmax = wq.step_and_range()
     w = layer.weight.detach()
@@ -83,6 +90,50 @@ def _layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
             "bits_mean": float(element_bits.mean()), "weight_bits_total": int(element_bits.sum()),
             "code_bytes": math.ceil(element_bits.sum() / 8), "bias_bytes": bias_bytes,
             "codebook": False}
+    if isinstance(layer, QConv2d):
+        info.update(stride=list(layer.stride), padding=list(layer.padding),
+                    dilation=list(layer.dilation), groups=layer.groups)
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ExportError(f"layer {name}: only zero padding with explicit sizes is exportable")
+    return info
+
+
+@torch.no_grad()
+def _codebook_layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
+    """A flexible (NUUQ) layer: `codebook` (S, k) int16 integer grid codes m_j, the level indices
+    packed at ceil(log2 k) bits or in base k (manifest `packing`), `w_slices` (S, 2) [bits, exponent
+    of the grid step]; bias and input table as for uniform layers. Level j of slice s is
+    codebook[s, j] * 2^exponent[s], so the executor's integer arithmetic is unchanged."""
+    from ..flexible import packing_used  # here: mixq.flexible imports mixq.export.pack
+
+    wq = layer.w_quant
+    if not wq.enabled or wq.signed is False:
+        raise ExportError(f"layer {name}: the flexible weight quantizer is disabled or unsigned")
+    if getattr(layer, "out_quant", None) is not None:
+        raise ExportError(f"layer {name} has an output quantizer, which the integer format does not hold")
+    spec, w, k = _quant_spec(layer.in_quant, name), layer.weight.detach(), wq.k
+    idx = wq.indices(w).reshape(-1).cpu().numpy()
+    packing, bits = packing_used(k, wq.cfg.packing), math.ceil(math.log2(k))
+    blob = pack_base_k(idx, k) if packing == "base_k" else pack_bits(idx, np.full(idx.size, bits), False)
+    tensors[f"{name}.w_packed"] = np.frombuffer(blob, dtype=np.uint8)
+    tensors[f"{name}.codebook"] = wq.codes().detach().round().cpu().numpy().astype(np.int16)
+    pairs = [dyadic(float(s)) for s in wq.grid_step().cpu()]
+    tensors[f"{name}.w_slices"] = np.array([[bits, e] for _, e in pairs], dtype=np.int8)
+    if any(m != 1 for m, _ in pairs):
+        tensors[f"{name}.w_mult"] = np.array([m for m, _ in pairs], dtype=np.int16)
+    bias_bytes = 0.0
+    if layer.bias is not None:
+        grid, top = layer.accumulator_step(), 2 ** (layer.bias_bits - 1)
+        bias = torch.clamp(torch.round(layer.bias.detach().double() / grid.double()), -top, top - 1)
+        tensors[f"{name}.bias"] = bias.cpu().numpy().astype(np.int32 if layer.bias_bits <= 32 else np.int64)
+        bias_bytes = bias.numel() * layer.bias_bits / 8
+    if lut_input is not None:
+        tensors[f"{name}.in_lut"] = lut_input(layer.in_quant).astype(np.int16)
+    total = 8 * len(blob) if packing == "base_k" else idx.size * bits
+    info = {"name": name, "in_quant": spec, "weight_shape": list(w.shape), "slices": wq.slices,
+            "bits_min": bits, "bits_max": bits, "bits_mean": total / idx.size, "weight_bits_total": total,
+            "code_bytes": len(blob), "bias_bytes": bias_bytes, "codebook": True, "levels": k,
+            "packing": packing, "grid_bits": wq.b, "equivalent_bits": math.log2(k)}
     if isinstance(layer, QConv2d):
         info.update(stride=list(layer.stride), padding=list(layer.padding),
                     dilation=list(layer.dilation), groups=layer.groups)
@@ -141,6 +192,10 @@ def export(model: nn.Module, input_shape: tuple[int, int, int], normalize=None,
             entry["op"] = "input"
         elif node.op == "output":
             entry["op"] = "output"
+        elif inputs[0] in node.all_input_nodes and not (
+                node.op == "call_module" and isinstance(modules[node.target], (QConv2d, QLinear))):
+            raise ExportError(f"node {name} takes the raw image: only a quantized conv/linear layer may "
+                              "(its input table maps pixels to codes)")
         elif node.op == "call_module":
             entry.update(_module_op(modules[node.target], node, layers, tensors, lut_for, inputs[0]))
         elif node.op in ("call_function", "call_method"):
@@ -210,6 +265,8 @@ def _function_op(node) -> dict:
             return {"op": "subsample", "stride": [c.step or 1, d.step or 1]}
     if target is tF.pad:
         pad = list(args[1])
-        if len(pad) == 6 and pad[:4] == [0, 0, 0, 0] and kwargs.get("value", 0) in (0, 0.0):
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        value = kwargs.get("value", args[3] if len(args) > 3 else None)  # None pads with zeros
+        if len(pad) == 6 and pad[:4] == [0, 0, 0, 0] and mode == "constant" and value in (None, 0, 0.0):
             return {"op": "pad_channels", "pad": pad[4:]}
     raise ExportError(f"{where} is not exportable; supported: {SUPPORTED}")

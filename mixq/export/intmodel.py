@@ -7,10 +7,11 @@ a SHA-256 of every tensor so damage is detected on load.
 
 Executor: every tensor between layers is exact fixed point, `Fixed(v, e, d)` = v * 2^e / d with
 integer values v (int64), a power-of-two exponent e per channel and an integer divisor d (from
-average pooling). Convolutions accumulate integer codes in int64; requantization to the next
-quantizer's codes is a shift (or, for non power-of-two steps, an integer multiplier and shift)
-with round-half-to-even, the rounding torch.round uses. Nothing here touches floating point until
-the final logits are reported.
+average pooling). Convolutions accumulate integer codes in int32 where no sum can overflow it
+(checked per layer and batch), else in int64; requantization to the next quantizer's codes is a
+shift (or, for non power-of-two steps, an integer multiplier and shift) with round-half-to-even,
+the rounding torch.round uses; a left shift that would overflow int64 raises instead of wrapping.
+Nothing here touches floating point until the final logits are reported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .pack import unpack_base_k, unpack_bits
 
@@ -46,17 +46,32 @@ class Fixed:
     def aligned(self) -> tuple[np.ndarray, int]:
         """(values at the common exponent min(e), that exponent): exact left shifts."""
         base = int(self.e.min())
-        return self.v << (self.e - base).reshape(self.channel_shape()), base
+        return _shl(self.v, (self.e - base).reshape(self.channel_shape())), base
 
     def to_float(self) -> np.ndarray:
         return self.v * np.exp2(self.e.astype(np.float64)).reshape(self.channel_shape()) / self.d
 
 
 def round_half_even_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """round(num / den) with ties to even, in integers (den > 0)."""
-    q = np.floor_divide(num, den)
-    twice = 2 * (num - q * den)
-    return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
+    """round(num / den) with ties to even, in integers (den > 0). Powers of two take shifts."""
+    den = np.asarray(den, dtype=np.int64)
+    if den.size and not (den & (den - 1)).any():  # every den = 2^k: shift and mask, no division
+        k = np.frexp(den.astype(np.float64))[1].astype(np.int64) - 1  # exact for powers of two
+        q = num >> k
+        rem = num & (den - 1)
+    else:
+        q = np.floor_divide(num, den)
+        rem = num - q * den
+    twice = rem << 1
+    return q + ((twice > den) | ((twice == den) & ((q & 1) == 1)))
+
+
+def _shl(v: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """v << shift (shift >= 0, broadcast), refusing to overflow int64 instead of wrapping."""
+    top = int(np.max(shift)) if np.size(shift) else 0
+    if top and v.size and int(np.abs(v).max()).bit_length() + top > 62:
+        raise OverflowError(f"fixed-point value needs more than 62 bits (shift {top})")
+    return v << shift
 
 
 def dyadic(step: float, mult_bits: int = 15) -> tuple[int, int]:
@@ -72,36 +87,87 @@ def requantize(x: Fixed, quant: dict) -> np.ndarray:
     """Integer codes clamp(round(x / step), lo, n) of a quantizer with step = mult * 2^exp:
     x / step = v 2^(e - exp) / (d mult), one exact integer division with ties to even."""
     shift = (x.e - int(quant["exp"])).reshape(x.channel_shape())
-    num = x.v << np.maximum(shift, 0)
-    den = (x.d * int(quant.get("mult", 1))) << np.maximum(-shift, 0)
+    num = _shl(x.v, np.maximum(shift, 0))
+    den = _shl(np.asarray(x.d * int(quant.get("mult", 1)), dtype=np.int64), np.maximum(-shift, 0))
     codes = round_half_even_div(num, den)
     lo = -int(quant["n"]) if quant["signed"] else 0
     return np.clip(codes, lo, int(quant["n"]))
 
 
-def conv2d_int(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int) -> np.ndarray:
-    """Integer 2-D convolution, int64 accumulators. x (N, C, H, W), w (O, C/groups, kh, kw)."""
+def _int_dtype(x_bound: int, w: np.ndarray) -> type:
+    """int32 when no accumulator (nor partial sum) can leave int32: max|x| * max_o sum|w_o| < 2^31."""
+    w_sum = int(np.abs(w).reshape(len(w), -1).sum(axis=1).max()) if w.size else 0
+    return np.int32 if x_bound * w_sum < 2**31 else np.int64
+
+
+def matmul_int(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (M, K) @ w (O, K).T exactly, int64 result; int32 arithmetic where provably safe."""
+    dt = _int_dtype(int(np.abs(x).max()) if x.size else 0, w)
+    if dt is np.int64:
+        return x.astype(np.int64) @ w.astype(np.int64).T
+    return np.einsum("mk,ok->mo", x.astype(dt), w.astype(dt)).astype(np.int64)
+
+
+def conv2d_int(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int,
+               chunk_elements: int = 1 << 22) -> np.ndarray:
+    """Integer 2-D convolution, exact, int64 result. x (N, C, H, W), w (O, C/groups, kh, kw).
+
+    Accumulates in int32 when max|x| * max_o sum|w_o| < 2^31 (then no partial sum can overflow),
+    else in int64. Depthwise convs (C/groups = 1) are a sum over the kernel taps of shifted
+    products; the others an im2col matmul on channels-last patches, `chunk_elements` at a time.
+    The result is laid out channels-last in memory (a transposed view), which the next layer's
+    im2col reads without a copy.
+    """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
-    n, _, oh, ow = win.shape[:4]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     og = o // groups
-    if cg == 1 and og == 1:  # depthwise
-        return np.einsum("nchwij,cij->nchw", win, w[:, 0], optimize=True)
-    out = np.empty((n, o, oh, ow), dtype=np.int64)
+    dt = _int_dtype(int(np.abs(x).max()) if x.size else 0, w)
+    wt = w.astype(dt)
+
+    def tap(a, i, j):  # the input pixels that kernel tap (i, j) meets, on H, W axes 1 and 2
+        return a[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+
+    xt = np.pad(x.transpose(0, 2, 3, 1).astype(dt), ((0, 0), (ph, ph), (pw, pw), (0, 0)))  # NHWC
+    if cg == 1:  # depthwise (output channel k reads input channel k // og)
+        if og > 1:
+            xt = np.repeat(xt, og, axis=3)
+        out = np.zeros((n, oh, ow, o), dtype=dt)
+        for i in range(kh):
+            for j in range(kw):
+                out += tap(xt, i, j) * wt[:, 0, i, j]
+        return out.astype(np.int64).transpose(0, 3, 1, 2)
+    out = np.empty((n, oh, ow, o), dtype=dt)
+    step = max(1, chunk_elements // max(1, oh * ow * kh * kw * cg))
     for g in range(groups):
-        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
-        wg = w[g * og:(g + 1) * og].reshape(og, -1)
-        out[:, g * og:(g + 1) * og] = (cols @ wg.T).reshape(n, oh, ow, og).transpose(0, 3, 1, 2)
-    return out
+        xs = xt[..., g * cg:(g + 1) * cg]
+        wg = wt[g * og:(g + 1) * og].transpose(0, 2, 3, 1).reshape(og, -1)  # (og, kh kw cg)
+        for a in range(0, n, step):
+            part = xs[a:a + step]
+            cols = np.empty((len(part), oh, ow, kh, kw, cg), dtype=dt)
+            for i in range(kh):
+                for j in range(kw):
+                    cols[:, :, :, i, j] = tap(part, i, j)
+            cols = cols.reshape(-1, kh * kw * cg)
+            res = np.einsum("mk,ok->mo", cols, wg) if dt is np.int32 else cols @ wg.T
+            out[a:a + step, ..., g * og:(g + 1) * og] = res.reshape(len(part), oh, ow, og)
+    return out.astype(np.int64).transpose(0, 3, 1, 2)
 
 
-def _pool_windows(x: np.ndarray, kernel, stride, padding, fill) -> np.ndarray:
+def _pool(x: np.ndarray, kernel, stride, padding, fill: int, reduce) -> np.ndarray:
+    """Max (reduce=np.maximum) or sum (np.add) over pooling windows, one kernel tap at a time."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    _, _, h, wd = x.shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
-    return sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            t = xp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            out = t.copy() if out is None else reduce(out, t, out=out)
+    return out
 
 
 @dataclass
@@ -174,6 +240,35 @@ class IntModel:
         return self._weights[name]
 
     # -- execution -----------------------------------------------------------------------------
+    @property
+    def exact_steps(self) -> bool:
+        """Every step a power of two: the executor then computes exactly what the float64
+        fake-quantized model computes. Arbitrary steps are approximated by 15-bit integer
+        multipliers (`dyadic`), so an activation that sits within about 2^-15 of a rounding
+        boundary may land on the neighbouring code."""
+        quants = [v["in_quant"] for v in self.manifest["layers"].values()]
+        quants += [n["quant"] for n in self.manifest["graph"] if n["op"] == "quant"]
+        return (all(q.get("mult", 1) == 1 for q in quants)
+                and not any(k.endswith(".w_mult") for k in self.tensors))
+
+    def output_step(self, out: Fixed) -> np.ndarray:
+        """The grid step of each output channel (class): 2^e / d, times the integer multipliers
+        (input mult x weight mult) of the layer that produced it when only grid-preserving ops
+        (flatten, pooling, ReLU) lie between."""
+        nodes = {n["name"]: n for n in self.manifest["graph"]}
+        node = nodes[self.manifest["graph"][-1]["inputs"][0]]
+        while node["op"] in ("identity", "flatten", "gap", "avgpool", "maxpool", "relu"):
+            node = nodes[node["inputs"][0]]
+        step = np.exp2(out.e.astype(np.float64)) / out.d
+        if node["op"] in ("conv", "linear"):
+            layer = self.manifest["layers"][node["layer"]]
+            name, slices = layer["name"], self.tensors[f"{layer['name']}.w_slices"]
+            w_mult = self.tensors.get(f"{name}.w_mult", np.ones(len(slices))).astype(np.float64)
+            mult = np.repeat(w_mult, layer["weight_shape"][0] // len(slices))
+            mult = mult * layer["in_quant"].get("mult", 1)
+            step = step * np.repeat(mult, len(step) // len(mult))
+        return step
+
     def run(self, images: np.ndarray) -> Fixed:
         """Execute on uint8 images (N, C, H, W); returns the output as exact fixed point."""
         values: dict[str, Fixed | np.ndarray] = {}
@@ -215,11 +310,12 @@ class IntModel:
         if op == "add":
             return _add(*args)
         if op == "maxpool":
-            win = _pool_windows(x.v, node["kernel"], node["stride"], node["padding"], np.iinfo(np.int64).min)
-            return Fixed(win.max(axis=(-2, -1)), x.e, x.d)
+            lowest = np.iinfo(np.int64).min
+            return Fixed(_pool(x.v, node["kernel"], node["stride"], node["padding"], lowest, np.maximum),
+                         x.e, x.d)
         if op == "avgpool":
-            win = _pool_windows(x.v, node["kernel"], node["stride"], node["padding"], 0)
-            return Fixed(win.sum(axis=(-2, -1)), x.e, x.d * int(np.prod(node["kernel"])))
+            v = _pool(x.v, node["kernel"], node["stride"], node["padding"], 0, np.add)
+            return Fixed(v, x.e, x.d * int(np.prod(node["kernel"])))
         if op == "gap":
             return Fixed(x.v.sum(axis=(2, 3), keepdims=node.get("keepdim", True)), x.e,
                          x.d * x.v.shape[2] * x.v.shape[3])
@@ -248,7 +344,7 @@ class IntModel:
         if node["op"] == "conv":
             acc = conv2d_int(codes, w, layer["stride"], layer["padding"], layer["dilation"], layer["groups"])
         else:
-            acc = codes @ w.T
+            acc = matmul_int(codes, w)
         slices = self.tensors[f"{name}.w_slices"].astype(np.int64)  # (S, 2): bits, exponent
         per_slice = w.shape[0] // len(slices)
         w_exp = np.repeat(slices[:, 1], per_slice)
@@ -272,7 +368,7 @@ def _digest(tensors: dict[str, np.ndarray]) -> str:
 def _clamp_max(x: Fixed, cap: float) -> Fixed:
     """min(x, cap) exactly: shift x to an exponent at which cap is an integer multiple."""
     e = np.minimum(x.e, 0)
-    v = x.v << (x.e - e).reshape(x.channel_shape())
+    v = _shl(x.v, (x.e - e).reshape(x.channel_shape()))
     bound = (np.round(cap * x.d * np.exp2(-e.astype(np.float64)))).astype(np.int64)
     return Fixed(np.minimum(v, bound.reshape(x.channel_shape())), e, x.d)
 
@@ -280,6 +376,6 @@ def _clamp_max(x: Fixed, cap: float) -> Fixed:
 def _add(a: Fixed, b: Fixed) -> Fixed:
     """a + b exactly: common divisor, then the smaller exponent per channel."""
     e = np.minimum(a.e, b.e)
-    va = (a.v * b.d) << (a.e - e).reshape(a.channel_shape())
-    vb = (b.v * a.d) << (b.e - e).reshape(b.channel_shape())
+    va = _shl(a.v * b.d, (a.e - e).reshape(a.channel_shape()))
+    vb = _shl(b.v * a.d, (b.e - e).reshape(b.channel_shape()))
     return Fixed(va + vb, e, a.d * b.d)
