@@ -27,6 +27,7 @@ from .budget import (
     ramp,
     resolve_budgets,
 )
+from .config import UNITS
 from .convert import calibrate_, fold_bn_, prepare_, quant_plan
 from .data import DeviceLoader, load_dataset
 from .models import create_model
@@ -69,14 +70,15 @@ def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
 
 
 def quick_recipe(recipe: Recipe) -> Recipe:
-    """--quick: one short epoch per phase (the data is cut to 2,000 training images)."""
+    """--quick: one short epoch per phase on 2,000 training images (batches of at most 64, so that
+    even the smoke run takes a few dozen steps per phase and learns something)."""
     one = {"epochs": 1.0, "evals_per_epoch": 1}
     return dataclasses.replace(
         recipe,
         pretrain=dataclasses.replace(recipe.pretrain, **one),
         phases=tuple(dataclasses.replace(p, **one) for p in recipe.phases),
         data=dataclasses.replace(recipe.data, num_train=QUICK_TRAIN, num_test=QUICK_TEST,
-                                 val_size=QUICK_VAL),
+                                 val_size=QUICK_VAL, batch_size=min(recipe.data.batch_size, 64)),
     )
 
 
@@ -199,6 +201,15 @@ class _Hooks:
 
     def evaluate(self):
         return self.job.evaluate_val()
+
+    def size_text(self):
+        """' | weight 61.2/61.7 KiB' for the progress line (one host read per logging interval)."""
+        job = self.job
+        if job.account is None or not job.budgets.items():
+            return ""
+        sizes, unit = job.sizes_bytes(), job.recipe.budget.unit
+        return "".join(f" | {key} {sizes[f'{key}_bytes'] / UNITS[unit]:.1f}/{target / UNITS[unit]:.1f} {unit}"
+                       for key, target in job.budgets.items())
 
     def ramp(self, progress):
         b = self.job.recipe.budget

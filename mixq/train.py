@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as tF
 
 from .convert import quant_sites
-from .quantizers import SliceQuantizer
+from .quantizers import SliceQuantizer, clip_grads_all_, project_all_
 from .recipe import PhaseConfig
 
 
@@ -162,7 +162,8 @@ def save_atomic(obj, path) -> None:
 class PhaseRunner:
     """Runs one phase. `hooks` are the pipeline's callbacks: `log(record)`, `evaluate() -> dict`
     (acc, sizes in bytes, budgets_met), `checkpoint(progress, optimizer)`, `save_best()`,
-    `on_step(step)` (tests), `progress(step, total, text)`."""
+    `on_step(step)` (tests), `progress(step, total, text)`, `size_text()` (sizes vs budgets),
+    `ramp(progress)` (penalty strength)."""
 
     model: nn.Module
     phase: PhaseConfig
@@ -220,7 +221,8 @@ class PhaseRunner:
                     if self.penalty is not None:
                         record["lambda_factor"] = self.penalty.factors()
                     self.hooks.log(record)
-                    self.hooks.progress(state.step, total, f"loss {mean_loss:.3f}")
+                    text = f"loss {mean_loss:.3f} acc {record['train_acc']:.3f}{self.hooks.size_text()}"
+                    self.hooks.progress(state.step, total, text)
                     run_loss.zero_(), run_correct.zero_()
                     run_count = 0
                 if state.step in eval_at:
@@ -254,12 +256,10 @@ class PhaseRunner:
         opt.zero_grad(set_to_none=True)
         total.backward()
         if update_q:
-            for q in qmodules:
-                q.clip_grads_()
+            clip_grads_all_(qmodules)
         opt.step()
         if update_q:
-            for q in qmodules:
-                q.project_()
+            project_all_(qmodules)
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
     def _evaluate(self, state: PhaseProgress) -> None:
