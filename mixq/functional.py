@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _kernels
+
 # Rounding-gradient modifiers (methods.md 2.1.3). A modifier multiplies the upstream gradient of
 # round(u) by a factor m(r, g) where r = u - round(u) in [-1/2, 1/2] and g is the upstream gradient.
 MODIFIERS = ("ste", "ewgs", "atanh", "psgd", "tanh", "acos")
@@ -47,7 +49,7 @@ def modifier_factor(r: Tensor, g: Tensor, modifier: str, delta: float) -> Tensor
         return 1.0 + delta * torch.sign(g) * r
     if modifier == "atanh":
         norm = 0.5 / math.atanh(ATANH_ALPHA / 2)
-        return 1.0 + delta * torch.sign(g) * norm * torch.atanh(ATANH_ALPHA * r)
+        return 1.0 + delta * torch.sign(g) * norm * _atanh(ATANH_ALPHA * r)
     if modifier == "psgd":
         return 1.0 + delta * torch.abs(r)
     if modifier == "tanh":
@@ -57,10 +59,58 @@ def modifier_factor(r: Tensor, g: Tensor, modifier: str, delta: float) -> Tensor
     raise ValueError(f"unknown modifier {modifier!r}; choose one of {', '.join(MODIFIERS)}")
 
 
+def _atanh(z: Tensor) -> Tensor:
+    """atanh(z) = 0.5 log1p(2z / (1 - z)) for |z| < 1. Used instead of torch.atanh because
+    torch.compile's CPU kernels and eager ATen implement atanh differently (last-bit differences),
+    while log1p, division and the basic arithmetic agree bit for bit: the fused kernels below then
+    give exactly what the plain path gives."""
+    return 0.5 * torch.log1p(2.0 * z / (1.0 - z))
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     # Quantizer arithmetic runs in float32 (float64 when given float64): a bf16 x / scale would
     # pick wrong integer codes for anything above 8 bits of levels.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _uniform_codes(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool) -> Tensor:
+    """round(clip(x, lo, qmax) / scale) in float32 (float64 for float64)."""
+    dtype = _compute_dtype(x)
+    xf, s, q = x.to(dtype), scale.to(dtype), qmax.to(dtype)
+    lo = -q if signed else torch.zeros_like(q)
+    return torch.round(torch.clamp(xf, lo, q) / s)
+
+
+def _uniform_forward(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool) -> Tensor:
+    """x_hat = scale round(clip(x, lo, qmax) / scale), computed in float32 (float64 for float64)."""
+    return (_uniform_codes(x, scale, qmax, signed) * scale.to(_compute_dtype(x))).to(x.dtype)
+
+
+def _uniform_grad_terms(x: Tensor, g: Tensor, scale: Tensor, qmax: Tensor, signed: bool,
+                        modifier: str, delta: float):
+    """Per-element backward terms: (dL/dx, dL/dscale terms, dL/dqmax terms), before the slice sums
+    and the gradient scale (see `_UniformFakeQuant`)."""
+    dtype = _compute_dtype(x)
+    xf, s, q, gf = x.to(dtype), scale.to(dtype), qmax.to(dtype), g.to(dtype)
+    u = xf / s
+    code = torch.round(u)
+    lo = -q if signed else torch.zeros_like(q)
+    inside = (xf >= lo) & (xf <= q)
+    m = modifier_factor(u - code, gf, modifier, delta)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    grad_x = torch.where(inside, gf * m, zero).to(x.dtype)
+    t_s = torch.where(inside, gf * (code - m * u), zero)
+    above = (xf > q).to(dtype)
+    below = (xf < -q).to(dtype) if signed else zero
+    t_q = gf * (above - below)
+    return grad_x, t_s, t_q
+
+
+def _uniform_backward(x: Tensor, g: Tensor, scale: Tensor, qmax: Tensor, signed: bool,
+                      modifier: str, delta: float):
+    """(dL/dx, dL/dscale, dL/dqmax) with the slice sums; the gradient scale is applied by the caller."""
+    grad_x, t_s, t_q = _uniform_grad_terms(x, g, scale, qmax, signed, modifier, delta)
+    return grad_x, t_s.sum_to_size(scale.shape), t_q.sum_to_size(qmax.shape)
 
 
 class _UniformFakeQuant(torch.autograd.Function):
@@ -72,41 +122,61 @@ class _UniformFakeQuant(torch.autograd.Function):
         dQ/dscale = round(u) - m u           inside, 0 outside   (= (Q - x) / scale when m = 1)
         dQ/dqmax  = 0 inside; +1 above qmax; -1 below -qmax (signed only)
     The scale and qmax gradients are summed over each slice and multiplied by `grad_scale`.
+
+    Large tensors in eager mode go through `mixq._kernels` (the same math compiled into one fused
+    forward pass and one fused backward pass with the slice sums); everything else, and any use
+    under torch.compile (which fuses the plain ops itself), runs the plain ops. Only the input x
+    (and the per-slice parameters) is saved for backward: x is usually saved by the op before
+    (a ReLU keeps its output), so this adds no memory in eager mode.
     """
 
     @staticmethod
     def forward(ctx, x, scale, qmax, signed: bool, modifier: str, delta: float, grad_scale):
-        dtype = _compute_dtype(x)
-        xf, s, q = x.to(dtype), scale.to(dtype), qmax.to(dtype)
-        lo = -q if signed else torch.zeros_like(q)
-        x_hat = torch.round(torch.clamp(xf, lo, q) / s) * s
+        kernel = _kernels.uniform_kernel(x, scale, qmax, signed, modifier, delta)
+        x_hat = None
+        if kernel is not None:
+            try:
+                slot = _kernels.code_slot()  # a quantized layer asks for the 8-bit codes too
+                if slot is None:
+                    x_hat = kernel.forward(x, scale, qmax)
+                else:
+                    x_hat, slot.codes = kernel.forward_codes(x, scale, qmax)
+                    slot.x_hat = x_hat
+            except _kernels.KernelFallback:
+                kernel = None
+        if x_hat is None:
+            x_hat = _uniform_forward(x, scale, qmax, signed)
+        ctx.kernel = kernel
         ctx.save_for_backward(x, scale, qmax, grad_scale)
         ctx.signed, ctx.modifier, ctx.delta = signed, modifier, delta
-        return x_hat.to(x.dtype)
+        return x_hat
 
     @staticmethod
     def backward(ctx, g):
         x, scale, qmax, grad_scale = ctx.saved_tensors
-        dtype = _compute_dtype(x)
-        xf, s, q, gf = x.to(dtype), scale.to(dtype), qmax.to(dtype), g.to(dtype)
-        u = xf / s
-        code = torch.round(u)
-        lo = -q if ctx.signed else torch.zeros_like(q)
-        inside = (xf >= lo) & (xf <= q)
-        m = modifier_factor(u - code, gf, ctx.modifier, ctx.delta)
-        zero = torch.zeros((), dtype=dtype, device=x.device)
-        grad_x = grad_scale_d = grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside, gf * m, zero).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            g_s = torch.where(inside, gf * (code - m * u), zero).sum_to_size(scale.shape)
-            grad_scale_d = (g_s * grad_scale).to(scale.dtype)
-        if ctx.needs_input_grad[2]:
-            above = (xf > q).to(dtype)
-            below = (xf < -q).to(dtype) if ctx.signed else zero
-            g_q = (gf * (above - below)).sum_to_size(qmax.shape)
-            grad_q = (g_q * grad_scale).to(qmax.dtype)
-        return grad_x, grad_scale_d, grad_q, None, None, None, None
+        need_x, need_s, need_q = ctx.needs_input_grad[:3]
+        grads = None
+        if ctx.kernel is not None:
+            try:
+                grads = ctx.kernel.backward(x, g, scale, qmax)
+            except _kernels.KernelFallback:
+                pass
+        if grads is not None:
+            grad_x, g_s, g_q = grads
+        elif need_s or need_q:
+            grad_x, g_s, g_q = _uniform_backward(x, g, scale, qmax, ctx.signed, ctx.modifier, ctx.delta)
+        else:  # only dL/dx: skip the parameter terms
+            dtype = _compute_dtype(x)
+            xf, s, q, gf = x.to(dtype), scale.to(dtype), qmax.to(dtype), g.to(dtype)
+            u = xf / s
+            lo = -q if ctx.signed else torch.zeros_like(q)
+            m = modifier_factor(u - torch.round(u), gf, ctx.modifier, ctx.delta)
+            zero = torch.zeros((), dtype=dtype, device=x.device)
+            grad_x = torch.where((xf >= lo) & (xf <= q), gf * m, zero).to(x.dtype)
+            g_s = g_q = None
+        grad_s = (g_s * grad_scale).to(scale.dtype) if need_s else None
+        grad_q = (g_q * grad_scale).to(qmax.dtype) if need_q else None
+        return grad_x if need_x else None, grad_s, grad_q, None, None, None, None
 
 
 def fake_quant_uniform(

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as tF
 
+from . import _kernels
 from .functional import round_ste
+from .quantizers import UniformQuantizer
 
 
 def quantize_bias(bias: Tensor, step: Tensor, bits: int) -> Tensor:
@@ -25,6 +27,14 @@ def quantize_bias(bias: Tensor, step: Tensor, bits: int) -> Tensor:
     top = 2.0 ** (bits - 1) - 1
     step = step.detach()
     return torch.clamp(round_ste(bias / step), -top - 1, top) * step
+
+
+def _packable(quant) -> bool:
+    """Whether the layer may save its quantized input as 8-bit codes: eager training with a uniform
+    quantizer whose codes fit 8 bits (the projection keeps round(qmax / step) <= max_code(bits_max);
+    U1/U2 widths are clipped to bits_max)."""
+    return (isinstance(quant, UniformQuantizer) and quant.cfg.bits_max <= 8 and torch.is_grad_enabled()
+            and quant.observer is None and not torch.compiler.is_compiling())
 
 
 class _QuantizedLayer:
@@ -59,10 +69,22 @@ class _QuantizedLayer:
         return w_hat, b
 
     def _quantized_forward(self, x: Tensor, op) -> Tensor:
+        hooks = None
         if self.in_quant is not None:
-            x = self.in_quant(x)
+            if _packable(self.in_quant):  # the fused forward also writes the 8-bit codes
+                with _kernels.capture_codes() as slot:
+                    x = self.in_quant(x)
+                step = self.in_quant.step_and_range()[0].detach()
+                hooks = _kernels.saved_code_hooks(x, self.in_quant.expand(step, x.dim()),
+                                                  bool(self.in_quant.signed), slot)
+            else:
+                x = self.in_quant(x)
         w_hat, b = self.quantized_weight_and_bias()
-        y = op(x, w_hat, b)
+        if hooks is None:
+            y = op(x, w_hat, b)
+        else:  # the op saves its quantized input as 8-bit codes (a quarter of the memory)
+            with torch.autograd.graph.saved_tensors_hooks(*hooks):
+                y = op(x, w_hat, b)
         return self.out_quant(y) if self.out_quant is not None else y
 
 

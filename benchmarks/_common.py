@@ -1,0 +1,377 @@
+"""Shared pieces of the benchmarks: the machine description, the three QAT variants (float, mixq,
+PyTorch's learnable fake-quant ops, optionally Brevitas), interleaved timing, peak memory and tables.
+
+Timing: all variants of one (model, mode, precision) group are built first, warmed up, and then timed
+in alternating order, one step each per repetition, in the same process: slow phases of a shared CPU
+hit every variant alike, and every ratio is QAT over float from the same repetitions. Reported: the
+median step time of each variant, the ratio of the medians, and the median of the per-repetition
+ratios (the steadier number on a busy machine).
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over one step minus the memory allocated
+before it. On the CPU, the tensor memory timeline of torch.profiler (profile_memory=True): every
+allocation and free of one training step in order, summed; the peak of that sum (parameters,
+gradients, optimizer state and activations that the step touches; the allocator has no cache on the
+CPU, so this is what the step holds at its worst moment). One separate profiled step per variant,
+not one of the timed ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as tF
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mixq  # noqa: E402
+from mixq import QuantConfig, models  # noqa: E402
+from mixq.budget import BudgetPenalty, Budgets  # noqa: E402
+from mixq.convert import quant_sites  # noqa: E402
+from mixq.recipe import PhaseConfig  # noqa: E402
+from mixq.size import SizeAccount  # noqa: E402
+from mixq.train import PhaseRunner, make_optimizer  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "os_cpu_count": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        info["cpu_model"] = fields.get("Model name", "").strip()
+        info["cpus"] = fields.get("CPU(s)", "").strip()
+        info["cores_per_socket"] = fields.get("Core(s) per socket", "").strip()
+        info["hypervisor"] = fields.get("Hypervisor vendor", "").strip()
+    except (OSError, subprocess.SubprocessError):
+        info["cpu_model"] = platform.processor()
+    try:
+        info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mixq"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"] = commit + (" (mixq/ has uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    from mixq import _kernels
+
+    info["mixq_fast_kernels"] = {k: v for k, v in _kernels.fast_kernel_status().items()
+                                 if k != "variants"}
+    return info
+
+
+def machine_line(info: dict) -> str:
+    return (f"{info.get('cpu_model', '?')} ({info.get('cpus', '?')} CPUs), torch {info['torch']}, "
+            f"{info['threads']} threads, load average at start {info.get('loadavg_start')}, "
+            f"commit {info['git_commit'][:12]}"
+            f"{' + uncommitted mixq/ changes' if 'uncommitted' in info['git_commit'] else ''}, "
+            f"{info['date']}")
+
+
+# ------------------------------------------------------------------------- PyTorch learnable ops
+class _TorchLSQ:
+    """PyTorch's learnable fake-quant ops at the mixq sites: per-channel weights
+    (torch._fake_quantize_learnable_per_channel_affine, 4-bit signed) and the per-tensor input
+    (torch._fake_quantize_learnable_per_tensor_affine, 8-bit), LSQ gradient factor 1/sqrt(N Qp)."""
+
+    def _setup(self, w_bits=4, a_bits=8, signed_input=False):
+        w = self.weight.detach()
+        c = w.shape[0]
+        self.w_min, self.w_max = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
+        s = w.reshape(c, -1).abs().amax(1).clamp(min=1e-4) / self.w_max
+        self.w_scale = nn.Parameter(s.float())
+        self.register_buffer("w_zp", torch.zeros(c))
+        self.a_min, self.a_max = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if signed_input else (
+            0, 2**a_bits - 1)
+        self.a_scale = nn.Parameter(torch.tensor([4.0 / self.a_max]))
+        self.register_buffer("a_zp", torch.zeros(1))
+        self.w_factor = 1.0 / math.sqrt(w[0].numel() * self.w_max)
+        self.a_factor = 1.0 / math.sqrt(self.a_max)
+
+    def _q(self, x):
+        x = torch._fake_quantize_learnable_per_tensor_affine(
+            x, self.a_scale, self.a_zp, self.a_min, self.a_max, self.a_factor)
+        w = torch._fake_quantize_learnable_per_channel_affine(
+            self.weight, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, self.w_factor)
+        return x, w
+
+
+class TorchLSQConv2d(_TorchLSQ, nn.Conv2d):
+    def forward(self, x):
+        x, w = self._q(x)
+        return self._conv_forward(x, w, self.bias)
+
+
+class TorchLSQLinear(_TorchLSQ, nn.Linear):
+    def forward(self, x):
+        x, w = self._q(x)
+        return tF.linear(x, w, self.bias)
+
+
+def to_torch_lsq(model: nn.Module) -> nn.Module:
+    """Swap every Conv2d/Linear for its learnable-fake-quant twin (same weights), in place."""
+    first = True
+    for m in list(model.modules()):
+        if type(m) not in (nn.Conv2d, nn.Linear):
+            continue
+        cls = TorchLSQConv2d if isinstance(m, nn.Conv2d) else TorchLSQLinear
+        m.__class__ = cls
+        m._setup(signed_input=first)
+        first = False
+    return model
+
+
+def brevitas_version() -> str | None:
+    try:
+        import brevitas
+    except ImportError:
+        return None
+    return brevitas.__version__
+
+
+def to_brevitas(model: nn.Module):
+    """Brevitas QuantConv2d / QuantLinear at the same sites: 4-bit per-channel weights, 8-bit
+    per-tensor input (Int8ActPerTensorFloat), same weights. None when brevitas is not installed."""
+    if brevitas_version() is None:
+        return None
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFloat
+
+    for name, m in list(model.named_modules()):
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        child = name.rpartition(".")[2]
+        if type(m) is nn.Conv2d:
+            q = qnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                groups=m.groups, bias=m.bias is not None, weight_bit_width=4,
+                                weight_scaling_per_output_channel=True,
+                                input_quant=Int8ActPerTensorFloat)
+        elif type(m) is nn.Linear:
+            q = qnn.QuantLinear(m.in_features, m.out_features, bias=m.bias is not None,
+                                weight_bit_width=4, weight_scaling_per_output_channel=True,
+                                input_quant=Int8ActPerTensorFloat)
+        else:
+            continue
+        q.load_state_dict(m.state_dict(), strict=False)
+        setattr(parent, child, q.to(m.weight.device))
+    return model
+
+
+# -------------------------------------------------------------------------------------- variants
+class _Ramp:
+    def ramp(self, progress):
+        return 1.0
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    step: object  # step(x, y) -> None
+    note: str = ""
+    times: list = field(default_factory=list)
+    peak_bytes: float | None = None
+    compile_s: float | None = None
+    max_reps: int | None = None  # a very slow variant (Brevitas) is timed in the first reps only
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.create_model(name, in_channels=1 if name == "fmnist_cnn" else 3)
+
+
+def make_batch(name: str, batch: int, device: str, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    c, hw = (1, 28) if name == "fmnist_cnn" else (3, 32)
+    x = torch.randn(batch, c, hw, hw, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, y
+
+
+def _autocast(device: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
+                 penalty: bool = True) -> Variant | None:
+    """One training-step variant. kind: float | mixq | torch_lsq | brevitas. mode: eager | compiled.
+
+    float and torch_lsq: forward, cross-entropy (label smoothing 0.1), backward, SGD step. mixq: the
+    real step of mixq.train.PhaseRunner: with `penalty`, SizeAccount + BudgetPenalty (weight budget
+    at half the current weight size, so it is active) added to the loss; after backward the
+    quantizer gradient clipping, the optimizer step, the projection of every quantizer.
+    """
+    device = x.device.type
+    model = build_model(model_name).to(x.device)
+    phase = PhaseConfig(name=kind, penalty=penalty and kind == "mixq", quantizers="learned")
+    note = ""
+    account = pen = None
+    if kind == "mixq":
+        mixq.prepare_(model, QuantConfig(), example_input=x[:2])
+        mixq.calibrate_(model, [x[:128]])
+        if penalty:
+            account = SizeAccount(model)
+            with torch.no_grad():
+                wbytes = float(account()["weight_bits"]) / 8
+            pen = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes)).to(x.device)
+        note = "U3 W per-channel (EWGS) + A per-tensor (ATanh)" + (", size penalty" if penalty else "")
+    elif kind == "torch_lsq":
+        to_torch_lsq(model)
+        note = "learnable per-channel W4 + per-tensor A8"
+    elif kind == "brevitas":
+        if to_brevitas(model) is None:
+            return None
+        note = "QuantConv2d/QuantLinear W4 per-channel"
+    model.train()
+    opt = make_optimizer(model, phase)
+    fwd_model = torch.compile(model) if mode == "compiled" else model
+    qmods = [s.quant for s in quant_sites(model)] if kind == "mixq" else []
+    runner = PhaseRunner(fwd_model, phase, 0, None, _Ramp(), None, penalty=pen, account=account)
+    amp = precision
+
+    def step(xb, yb):
+        if kind == "mixq":
+            with _autocast(device, amp):
+                # PhaseRunner._step: forward, loss (+ penalty), backward, clip, step, project
+                runner._step(xb, yb, opt, qmods, True, 0.5)
+            return
+        with _autocast(device, amp):
+            logits = fwd_model(xb)
+            loss = tF.cross_entropy(logits.float(), yb, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return Variant(kind, model, step, note)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(v: Variant, x, y) -> float:
+    device = x.device.type
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        v.step(x, y)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    v.step(x, y)
+    return time.perf_counter() - t0
+
+
+def warm_up(variants: list[Variant], x, y, steps: int) -> None:
+    for v in variants:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            v.step(x, y)
+        _sync(x.device.type)
+        v.compile_s = time.perf_counter() - t0  # the first steps, compilation included
+
+
+def time_interleaved(variants: list[Variant], x, y, reps: int) -> None:
+    for r in range(reps):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            if v.max_reps is None or len(v.times) < v.max_reps:
+                v.times.append(time_step(v, x, y))
+
+
+def peak_memory(v: Variant, x, y) -> float | None:
+    """Peak bytes held during one step (see the module doc for how), or None if unavailable."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        v.step(x, y)
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            v.step(x, y)
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        return float(max(sum(s) for s in sizes)) if sizes else None
+    except Exception as err:  # the private memory timeline API moved: say so, do not guess
+        print(f"  (peak memory not measured for {v.name}: {type(err).__name__}: {err})")
+        return None
+
+
+def summarize(variants: list[Variant]) -> dict:
+    """Medians and ratios to the variant named 'float'."""
+    base = next(v for v in variants if v.name == "float")
+    out = {}
+    for v in variants:
+        med = statistics.median(v.times)
+        per_rep = [t / b for t, b in zip(v.times, base.times, strict=False)]
+        out[v.name] = {
+            "median_s": med, "min_s": min(v.times), "times_s": v.times,
+            "ratio_of_medians": med / statistics.median(base.times),
+            "median_of_rep_ratios": statistics.median(per_rep),
+            "peak_bytes": v.peak_bytes,
+            "peak_ratio": (v.peak_bytes / base.peak_bytes
+                           if v.peak_bytes and base.peak_bytes else None),
+            "first_steps_s": v.compile_s, "note": v.note, "reps": len(v.times),
+        }
+    return out
+
+
+def table(rows: list[dict], title: str) -> str:
+    head = (f"{'model':<11} {'dev':<4} {'mode':<8} {'prec':<5} {'variant':<10} {'median ms':>10} "
+            f"{'x float':>8} {'rep-ratio':>9} {'peak MiB':>9} {'x float':>8} {'1st steps s':>11}")
+    lines = [title, head, "-" * len(head)]
+    for r in rows:
+        if r.get("missing"):
+            lines.append(f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} "
+                         f"{r['variant']:<10} {r['missing']}")
+            continue
+        peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") else f"{'-':>9}"
+        pr = f"{r['peak_ratio']:8.2f}" if r.get("peak_ratio") else f"{'-':>8}"
+        first = f"{r['first_steps_s']:11.1f}" if r.get("first_steps_s") is not None else f"{'-':>11}"
+        lines.append(
+            f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} {r['variant']:<10} "
+            f"{r['median_s'] * 1e3:10.1f} {r['ratio_of_medians']:8.2f} {r['median_of_rep_ratios']:9.2f} "
+            f"{peak} {pr} {first}")
+    return "\n".join(lines)
+
+
+def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    jpath.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    mpath.write_text(markdown)
+    return jpath, mpath
