@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--act-site", default="input", choices=("input", "relu"))
     r.add_argument("--unit", default="KiB", help="B, kB, KiB, MB, MiB")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+
+    w = sub.add_parser("sweep", help="a flexible (NUUQ) recipe over a grid of values, one float model "
+                       "reused by every point; writes OUT/sweep.json, sweep.md and sweep.png")
+    w.add_argument("--recipe", "-r", default=None, help="recipe file or shipped name (method 'flexible')")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="values of one recipe key, e.g. flexible.k=3,4 (repeatable: cross product)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value for every point (repeatable)")
+    w.add_argument("--out", "-o", required=True, help="sweep folder (one run folder per point)")
+    w.add_argument("--data", default=None, help="data set folder")
+    w.add_argument("--quick", action="store_true", help="smoke run: small data, one short epoch per phase")
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    w.add_argument("--no-progress", action="store_true", help="no progress display")
     return p
 
 
@@ -189,7 +202,18 @@ def _ints(text: str, flag: str, count: int | None) -> list[int]:
     return values
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
+def cmd_sweep(args) -> int:
+    from .sweep import parse_grid, run_sweep, sweep_table
+
+    rows = run_sweep(args.recipe, parse_grid(args.grid), args.out, overrides=args.overrides, quick=args.quick,
+                     data_root=args.data, device=args.device, progress=not args.no_progress)
+    print(sweep_table(rows))
+    print(f"sweep folder: {args.out} (sweep.json, sweep.md, sweep.png)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,9 @@ def prepare_(model: nn.Module, config: QuantConfig | None = None,
         wbits = next((r.weight_bits for r in reversed(rules) if r.weight_bits), None)
         abits = next((r.act_bits for r in reversed(rules) if r.act_bits), None)
         wcfg, acfg = _fixed(config.weight, wbits), _fixed(act_input, abits)
+        levels = next((r.levels for r in reversed(rules) if r.levels), None)
+        if levels is not None:  # a flexible (NUUQ) quantizer's level count k for this layer
+            wcfg = wcfg.replace(levels=levels)
         w_quant = make_quantizer(wcfg, layer.weight.shape[0], 0, where=fqn)
         w_quant.numel.fill_(layer.weight.numel() / w_quant.slices)
         in_channels = layer.weight.shape[1] * getattr(layer, "groups", 1)

@@ -426,3 +426,128 @@ def act_max_bits(sites) -> int:
 def bn16_bits(bn_channels) -> int:
     """2 (scale, bias) x 16 bits per BatchNorm channel."""
     return int(sum(2 * c * 16 for c in bn_channels))
+
+
+# --------------------------------------------------------------------------------------------
+# flexible quantization, NUUQ (math.md 8, nuuq.md 2.1 and 4.1)
+
+
+def fq_grid(b: int, signed: bool) -> tuple[int, int, int]:
+    """(m_min, m_max, G): codes -2^(b-1)..2^(b-1)-1 (signed) or 0..2^b-1, step = alpha / G."""
+    g = 2 ** (b - 1) if signed else 2**b
+    return (-g if signed else 0), g - 1, g
+
+
+def fq_snap(values, step: float, mmin: int, mmax: int) -> np.ndarray:
+    """Nearest grid code, ties to even, clamped."""
+    out = []
+    for v in np.asarray(values, dtype=np.float64).ravel():
+        u = v / step
+        lo = math.floor(u)
+        r = u - lo
+        code = lo + 1 if r > 0.5 or (r == 0.5 and lo % 2 == 1) else lo
+        out.append(min(max(code, mmin), mmax))
+    return np.array(out, dtype=np.int64)
+
+
+def fq_forward(x, levels, thresholds) -> np.ndarray:
+    """Q(x) = levels[j] with j = the number of thresholds <= x (ties go to the upper level)."""
+    out = np.empty(len(x))
+    for i, xi in enumerate(x):
+        out[i] = levels[sum(1 for t in thresholds if t <= xi)]
+    return out
+
+
+def fq_midpoints(levels) -> list[float]:
+    return [(levels[j] + levels[j + 1]) / 2 for j in range(len(levels) - 1)]
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def fq_grads(x, g, codes, alpha_raw: float, b: int, signed: bool, pow2: bool,
+             thr_raw=None, temperature: float = 1.0, learn_levels: bool = True) -> dict:
+    """Gradients of sum(g * Q(x)) for one slice (math.md 8): x straight-through inside
+    [-a, a) ([0, a) unsigned); dL/dv_j = sum of g over the elements at level j; v_j = m_j a / G with
+    m_j = round(levels_raw_j G) straight-through, so dv_j/dlevels_raw_j = a and dv_j/da = m_j / G;
+    learned thresholds t_j = thr_raw_j a with the surrogate dQ/dt_j = -(v_{j+1} - v_j)
+    s (1 - s) / T, s = sigmoid((x - t_j) / T), T = temperature a / G; a = 2^round(log2 alpha_raw)
+    (pow2, da/dalpha_raw = a / alpha_raw) or alpha_raw. `thr_raw` sorted."""
+    mmin, mmax, gg = fq_grid(b, signed)
+    a = float(pow2_scalar(alpha_raw)) if pow2 else alpha_raw
+    step = a / gg
+    v = [m * step for m in codes]
+    t = fq_midpoints(v) if thr_raw is None else [r * a for r in thr_raw]
+    lo = -a if signed else 0.0
+    dx, dv, dt = np.zeros(len(x)), np.zeros(len(v)), np.zeros(len(t))
+    temp = temperature * step
+    for i, (xi, gi) in enumerate(zip(x, g, strict=True)):
+        j = sum(1 for tj in t if tj <= xi)
+        dv[j] += gi
+        dx[i] = gi if lo <= xi < a else 0.0
+        if thr_raw is not None:
+            for jj, tj in enumerate(t):
+                s = _sigmoid((xi - tj) / temp)
+                dt[jj] += gi * (v[jj + 1] - v[jj]) * (-s * (1 - s) / temp)
+    da = sum(dv[j] * codes[j] / gg for j in range(len(v)))
+    if thr_raw is not None:
+        da += sum(dt[j] * thr_raw[j] for j in range(len(t)))
+    out = {"x": dx, "levels_raw": dv * a if learn_levels else np.zeros(len(v)),
+           "alpha": da * (a / alpha_raw if pow2 else 1.0)}
+    if thr_raw is not None:
+        out["thresholds_raw"] = dt * a
+    return out
+
+
+def pow2_scalar(v: float) -> float:
+    return float(2.0 ** np.round(np.log2(v)))
+
+
+def fq_mse(x, levels) -> float:
+    """MSE with midpoint thresholds (nearest level)."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.mean((fq_forward(x, levels, fq_midpoints(levels)) - x) ** 2))
+
+
+def fq_brute_force_grid(x, k: int, step: float, mmin: int, mmax: int) -> float:
+    """Least MSE over every set of k distinct grid codes (small grids only)."""
+    import itertools
+
+    return min(fq_mse(x, [m * step for m in c]) for c in itertools.combinations(range(mmin, mmax + 1), k))
+
+
+def fq_brute_force_free(x, k: int) -> float:
+    """Least MSE with k free levels: every split of the sorted values into k contiguous groups at
+    their means (small samples only)."""
+    import itertools
+
+    xs = sorted(float(v) for v in x)
+    n, best = len(xs), math.inf
+    for cuts in itertools.combinations(range(1, n), min(k, n) - 1):
+        edges = (0, *cuts, n)
+        err = 0.0
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            mu = sum(xs[lo:hi]) / (hi - lo)
+            err += sum((v - mu) ** 2 for v in xs[lo:hi])
+        best = min(best, err / n)
+    return best
+
+
+def fq_lloyd_step(x, centroids) -> np.ndarray:
+    """One Lloyd step of 1-D k-means: nearest centroid (ties up), then means (empty keep)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = np.sort(np.asarray(centroids, dtype=np.float64))
+    t = fq_midpoints(list(c))
+    groups = [[] for _ in c]
+    for xi in x:
+        groups[sum(1 for tj in t if tj <= xi)].append(xi)
+    return np.array([sum(gr) / len(gr) if gr else c[j] for j, gr in enumerate(groups)])
+
+
+def base_k_bits(k: int, word: int = 8) -> float:
+    """Bits per code with base-k digits packed into `word`-bit words: word / floor(word log 2 / log k)."""
+    per = 0
+    while k ** (per + 1) <= 2**word:
+        per += 1
+    return word / per
