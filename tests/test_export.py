@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from mixq.convert import calibrate_, fold_bn_, prepare_, quant_sites
 from mixq.data import DeviceLoader, load_cifar10
 from mixq.export import ExportError, ExportFormatError, IntModel, export
 from mixq.export.check import check_parity, file_accounting, integer_sizes
-from mixq.export.intmodel import Fixed, conv2d_int, requantize, round_half_even_div
+from mixq.export.intmodel import FORMAT, Fixed, conv2d_int, requantize, round_half_even_div
 from mixq.export.pack import (
     base_k_bits_per_code,
     codes_per_word,
@@ -289,9 +290,10 @@ def test_file_accounting_adds_up(fmnist_export):
     sum_of_bits = sum(v["weight_bits_total"] for v in layers)
     assert 0 <= 8 * acc["code_bytes"] - sum_of_bits < 8 * len(layers)  # at most one partial byte a layer
     overhead = acc["header_bytes"] + acc["scale_and_table_bytes"]
-    # header (manifest JSON ~4.7 KiB, safetensors index ~1.7 KiB) + per-slice widths/exponents and the
-    # input table (~1.3 KiB): measured 8.4 KiB, 5% of the 168 KiB file
-    assert overhead < 10 * 1024, acc
+    # header (zlib-compressed manifest and the safetensors index of its two tensors) + per-slice
+    # widths/exponents and the input table (~1.3 KiB): a few KiB, whatever the number of layers
+    assert acc["header_bytes"] < 2048, acc
+    assert overhead < 4 * 1024, acc
     assert acc["bias_bytes"] == int_model.manifest["bias_bytes"]  # 32-bit biases, as counted
 
 
@@ -356,18 +358,33 @@ def test_foreign_or_damaged_manifest_fails_clearly(fmnist_export, tmp_path):
     save_file({"w": np.zeros(3, np.float32)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(ExportFormatError) as err:
         IntModel.load(foreign)
-    _assert_clear(err.value, "is not a mixq-int/1 file", "'pt'")
+    _assert_clear(err.value, f"is not a {FORMAT} file", "'pt'")
 
     no_meta = tmp_path / "no_meta.safetensors"
     save_file({"w": np.zeros(3, np.float32)}, str(no_meta))
-    with pytest.raises(ExportFormatError, match="not a mixq-int/1 file"):
+    with pytest.raises(ExportFormatError, match=f"not a {FORMAT} file"):
         IntModel.load(no_meta)
 
-    bad_json = tmp_path / "bad_json.mixq"
-    save_file(dict(int_model.tensors), str(bad_json), metadata={"format": "mixq-int/1", "manifest": "{"})
+    bad_json = tmp_path / "bad_json.mixq"  # the manifest block decompresses to broken JSON
+    save_file({"data": np.zeros(8, np.uint8), "manifest": np.frombuffer(zlib.compress(b"{"), np.uint8)},
+              str(bad_json), metadata={"format": FORMAT})
     with pytest.raises(ExportFormatError) as err:
         IntModel.load(bad_json)
     _assert_clear(err.value, "damaged manifest")
+
+    not_zlib = tmp_path / "not_zlib.mixq"
+    save_file({"data": np.zeros(8, np.uint8), "manifest": np.ones(5, np.uint8)}, str(not_zlib),
+              metadata={"format": FORMAT})
+    with pytest.raises(ExportFormatError, match="damaged manifest"):
+        IntModel.load(not_zlib)
+
+    short = tmp_path / "short.mixq"  # an index that points past the end of the data block
+    index = {"arrays": [["a.w_packed", "|u1", [100], 0]], "sha256": ""}
+    save_file({"data": np.zeros(8, np.uint8),
+               "manifest": np.frombuffer(zlib.compress(json.dumps(index).encode()), np.uint8)},
+              str(short), metadata={"format": FORMAT})
+    with pytest.raises(ExportFormatError, match="damaged manifest or data block"):
+        IntModel.load(short)
 
 
 # ---------------------------------------------------------------------------------- export errors

@@ -72,24 +72,30 @@ def _layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
     tensors[f"{name}.w_packed"] = np.frombuffer(pack_bits(codes.to(torch.int64).numpy(), element_bits, True),
                                                 dtype=np.uint8)
     pairs = [dyadic(float(s)) for s in step]  # step = mult 2^exp per slice; mult = 1 for 2^k steps
-    rows = [[b, e] for b, (_, e) in zip(bits.tolist(), pairs, strict=True)]
-    tensors[f"{name}.w_slices"] = np.array(rows, dtype=np.int8)  # (S, 2): bits, exponent
-    if any(m != 1 for m, _ in pairs):
-        tensors[f"{name}.w_mult"] = np.array([m for m, _ in pairs], dtype=np.int16)
-    bias_bytes = 0.0
-    if layer.bias is not None:
-        grid = layer.accumulator_step()
-        top = 2 ** (layer.bias_bits - 1)
-        bias = torch.clamp(torch.round(layer.bias.detach().double() / grid.double()), -top, top - 1)
-        tensors[f"{name}.bias"] = bias.numpy().astype(np.int32 if layer.bias_bits <= 32 else np.int64)
-        bias_bytes = bias.numel() * layer.bias_bits / 8
-    if lut_input is not None:  # uint8 pixel -> normalized float32 (as the loader) -> input code
-        tensors[f"{name}.in_lut"] = lut_input(layer.in_quant).astype(np.int16)
     info = {"name": name, "in_quant": spec, "weight_shape": list(w.shape), "slices": wq.slices,
             "bits_min": int(bits.min()), "bits_max": int(bits.max()),
             "bits_mean": float(element_bits.mean()), "weight_bits_total": int(element_bits.sum()),
-            "code_bytes": math.ceil(element_bits.sum() / 8), "bias_bytes": bias_bytes,
-            "codebook": False}
+            "code_bytes": math.ceil(element_bits.sum() / 8), "codebook": False}
+    return _layer_common(layer, name, lut_input, tensors, bits.tolist(), pairs, info)
+
+
+def _layer_common(layer, name: str, lut_input, tensors: dict, bits: list[int], pairs: list,
+                  info: dict) -> dict:
+    """What uniform and codebook layers share: `w_slices` (S, 2) [bits, step exponent], `w_mult`
+    when a step is not a power of two, the bias on the accumulator grid, the first layer's input
+    lookup table, and the conv attributes in `info`."""
+    rows = [[b, e] for b, (_, e) in zip(bits, pairs, strict=True)]
+    tensors[f"{name}.w_slices"] = np.array(rows, dtype=np.int8)
+    if any(m != 1 for m, _ in pairs):
+        tensors[f"{name}.w_mult"] = np.array([m for m, _ in pairs], dtype=np.int16)
+    info["bias_bytes"] = 0.0
+    if layer.bias is not None:
+        grid, top = layer.accumulator_step(), 2 ** (layer.bias_bits - 1)
+        bias = torch.clamp(torch.round(layer.bias.detach().double() / grid.double()), -top, top - 1)
+        tensors[f"{name}.bias"] = bias.cpu().numpy().astype(np.int32 if layer.bias_bits <= 32 else np.int64)
+        info["bias_bytes"] = bias.numel() * layer.bias_bits / 8
+    if lut_input is not None:  # uint8 pixel -> normalized float32 (as the loader) -> input code
+        tensors[f"{name}.in_lut"] = lut_input(layer.in_quant).astype(np.int16)
     if isinstance(layer, QConv2d):
         info.update(stride=list(layer.stride), padding=list(layer.padding),
                     dilation=list(layer.dilation), groups=layer.groups)
@@ -118,28 +124,12 @@ def _codebook_layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
     tensors[f"{name}.w_packed"] = np.frombuffer(blob, dtype=np.uint8)
     tensors[f"{name}.codebook"] = wq.codes().detach().round().cpu().numpy().astype(np.int16)
     pairs = [dyadic(float(s)) for s in wq.grid_step().cpu()]
-    tensors[f"{name}.w_slices"] = np.array([[bits, e] for _, e in pairs], dtype=np.int8)
-    if any(m != 1 for m, _ in pairs):
-        tensors[f"{name}.w_mult"] = np.array([m for m, _ in pairs], dtype=np.int16)
-    bias_bytes = 0.0
-    if layer.bias is not None:
-        grid, top = layer.accumulator_step(), 2 ** (layer.bias_bits - 1)
-        bias = torch.clamp(torch.round(layer.bias.detach().double() / grid.double()), -top, top - 1)
-        tensors[f"{name}.bias"] = bias.cpu().numpy().astype(np.int32 if layer.bias_bits <= 32 else np.int64)
-        bias_bytes = bias.numel() * layer.bias_bits / 8
-    if lut_input is not None:
-        tensors[f"{name}.in_lut"] = lut_input(layer.in_quant).astype(np.int16)
     total = 8 * len(blob) if packing == "base_k" else idx.size * bits
     info = {"name": name, "in_quant": spec, "weight_shape": list(w.shape), "slices": wq.slices,
             "bits_min": bits, "bits_max": bits, "bits_mean": total / idx.size, "weight_bits_total": total,
-            "code_bytes": len(blob), "bias_bytes": bias_bytes, "codebook": True, "levels": k,
+            "code_bytes": len(blob), "codebook": True, "levels": k,
             "packing": packing, "grid_bits": wq.b, "equivalent_bits": math.log2(k)}
-    if isinstance(layer, QConv2d):
-        info.update(stride=list(layer.stride), padding=list(layer.padding),
-                    dilation=list(layer.dilation), groups=layer.groups)
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ExportError(f"layer {name}: only zero padding with explicit sizes is exportable")
-    return info
+    return _layer_common(layer, name, lut_input, tensors, [bits] * len(pairs), pairs, info)
 
 
 def _pair(v):

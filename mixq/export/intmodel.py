@@ -1,9 +1,12 @@
 """The mixq integer model: a file format and a reference executor that uses integers only.
 
-File: a safetensors container (no pickle) holding packed weight codes, per-slice bit widths and
-step exponents, int biases, input lookup tables and codebooks, plus a JSON manifest in its header:
-the graph (one node per layer or op), per-layer bits and bytes, the data set's normalization, and
-a SHA-256 of every tensor so damage is detected on load.
+File: a safetensors container (no pickle) with two uint8 tensors. `data` is the raw bytes of every
+array back to back: packed weight codes, per-slice bit widths and step exponents, int biases, input
+lookup tables and codebooks. `manifest` is zlib-compressed JSON: the graph (one node per layer or
+op), per-layer bits and bytes, the data set's normalization, the index of the arrays in `data`
+(name, dtype, shape, offset) and a SHA-256 of every array, so damage is detected on load. Two
+tensors instead of one per array, and a compressed manifest, keep the file's overhead over the sum
+of its layer bits to a few KiB (a safetensors header costs about 100 bytes per tensor).
 
 Executor: every tensor between layers is exact fixed point, `Fixed(v, e, d)` = v * 2^e / d with
 integer values v (int64), a power-of-two exponent e per channel and an integer divisor d (from
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from .pack import unpack_base_k, unpack_bits
 
-FORMAT = "mixq-int/1"
+FORMAT = "mixq-int/2"
 
 
 class ExportFormatError(ValueError):
@@ -183,10 +187,16 @@ class IntModel:
         """Write the file; returns its size in bytes."""
         from safetensors.numpy import save_file
 
-        manifest = dict(self.manifest)
-        manifest["sha256"] = _digest(self.tensors)
-        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path),
-                  metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+        index, offset, parts = [], 0, []
+        for name in sorted(self.tensors):
+            a = np.ascontiguousarray(self.tensors[name])
+            index.append([name, a.dtype.str, list(a.shape), offset])
+            parts.append(a.tobytes())
+            offset += a.nbytes
+        manifest = dict(self.manifest, arrays=index, sha256=_digest(self.tensors))
+        packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+        save_file({"data": np.frombuffer(b"".join(parts) or b"\0", dtype=np.uint8),
+                   "manifest": np.frombuffer(packed, dtype=np.uint8)}, str(path), metadata={"format": FORMAT})
         return Path(path).stat().st_size
 
     @classmethod
@@ -200,16 +210,23 @@ class IntModel:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                stored = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises several kinds on damaged headers
             raise ExportFormatError(f"{path} is not a readable mixq integer model (damaged or "
                                     f"truncated?): {err}") from None
         if meta.get("format") != FORMAT:
-            raise ExportFormatError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
+            raise ExportFormatError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r}); "
+                                    "export the run again with this version of mixq")
         try:
-            manifest = json.loads(meta["manifest"])
-        except (KeyError, json.JSONDecodeError) as err:
-            raise ExportFormatError(f"{path} has a damaged manifest: {err}") from None
+            manifest = json.loads(zlib.decompress(stored["manifest"].tobytes()))
+            data = stored["data"].tobytes()
+            tensors = {}
+            for name, dtype, shape, offset in manifest.pop("arrays"):
+                count = int(np.prod(shape, dtype=np.int64))
+                tensors[name] = np.frombuffer(data, dtype=np.dtype(dtype), count=count,
+                                              offset=offset).reshape(shape).copy()
+        except (KeyError, ValueError, TypeError, zlib.error) as err:
+            raise ExportFormatError(f"{path} has a damaged manifest or data block: {err}") from None
         if manifest.pop("sha256", None) != _digest(tensors):
             raise ExportFormatError(f"{path} is damaged: its tensors fail the SHA-256 checksum")
         return cls(manifest, tensors)
