@@ -4,6 +4,10 @@ within 0.6 points, uniform 2-bit weights far worse) hold in our harness? Collect
 
     python benchmarks/nuuq_table.py SWEEP_DIR [SWEEP_DIR ...] [--ablation LABEL=SWEEP_DIR ...]
         [--wall-seconds S] [--commands FILE] [--notes FILE]
+    python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR --stem NAME --about FILE [--commands FILE]
+
+The second form writes one protocol's table (e.g. PTQ + fine-tuning + QAT from a given float model)
+to results/NAME.md and .json, with the paragraph in FILE saying what the protocol is.
 
 The sweeps themselves (sequential, one thread: see the .md file for the exact commands) are what
 costs time; this script only reads their results and the machine description.
@@ -103,15 +107,41 @@ def mse_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def protocol_report(args) -> None:
+    """One protocol's rows (ablation_table) with the machine, the description and the commands."""
+    label, folder = args.protocol.split("=", 1)
+    rows = load_rows([folder])
+    info = machine_info()
+    parts = [f"# NUUQ on Fashion-MNIST: {label}", "",
+             f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used one thread), "
+             f"torch {info['torch']}, Python {info['python']}, {info['date']}. Git commit "
+             f"{info.get('git_commit', '?')}. Seed {', '.join(sorted({str(r['seed']) for r in rows}))}; "
+             f"float model test accuracy {', '.join(sorted({pct(r['float_acc']) for r in rows}))} %.",
+             "", Path(args.about).read_text().strip(), "", ablation_table([(label, rows)])]
+    if args.commands:
+        parts += ["", "## Commands", "", "```", Path(args.commands).read_text().strip(), "```"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.stem}.md").write_text("\n".join(parts) + "\n")
+    keep = [{k: v for k, v in r.items() if k not in ("float_checkpoint", "sweep")} for r in rows]
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps({"machine": info, "rows": keep}, indent=1) + "\n")
+    print("\n".join(parts))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("sweeps", nargs="+")
+    p.add_argument("sweeps", nargs="*")
+    p.add_argument("--protocol", default=None, metavar="LABEL=DIR", help="one protocol's table only")
+    p.add_argument("--stem", default=None, help="results file stem for --protocol")
+    p.add_argument("--about", default=None, help="Markdown paragraph describing --protocol's runs")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
                    help="a sweep of another protocol, shown in its own table")
     p.add_argument("--wall-seconds", type=float, default=None, help="total wall time of the sweeps")
     p.add_argument("--commands", default=None, help="a file with the commands that produced the sweeps")
     p.add_argument("--notes", default=None, help="a Markdown file appended as the discussion")
     args = p.parse_args()
+    if args.protocol:
+        protocol_report(args)
+        return
     rows = load_rows(args.sweeps)
     ablations = [(label, load_rows([d])) for label, d in (a.split("=", 1) for a in args.ablation)]
     info = machine_info()

@@ -58,6 +58,10 @@ class DataConfig:
 class PhaseConfig:
     """One training phase. quantizers: learned (updated every `update_every` steps) or frozen.
 
+    quant_momentum: the quantizer parameters' momentum (SGD, RMSProp; None = `momentum`). 0 stops
+    a budget-driven descent of the bit widths the step the penalty lets go, instead of coasting
+    on momentum well below the budget.
+
     penalty: apply the budget penalty (the mixed phase). reload_best: start from the best
     checkpoint of the previous phase that met every budget (Schaefer's phase 3).
     """
@@ -68,6 +72,7 @@ class PhaseConfig:
     lr: float = 0.1
     quant_lr: float = 0.01
     momentum: float = 0.9
+    quant_momentum: float | None = None
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_fraction: float = 0.25
@@ -84,10 +89,10 @@ class PhaseConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("quantizer mode", self.quantizers, QUANTIZER_MODES)
-        if (self.epochs <= 0 or self.lr < 0 or self.quant_lr < 0 or self.update_every < 1
-                or self.evals_per_epoch < 1):
-            raise ValueError(f"phase {self.name!r}: epochs must be > 0, lr and quant_lr >= 0, "
-                             "update_every and evals_per_epoch >= 1")
+        if (self.epochs <= 0 or self.lr < 0 or self.quant_lr < 0 or (self.quant_momentum or 0) < 0
+                or self.update_every < 1 or self.evals_per_epoch < 1):
+            raise ValueError(f"phase {self.name!r}: epochs must be > 0, lr, quant_lr and quant_momentum "
+                             ">= 0, update_every and evals_per_epoch >= 1")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"phase {self.name!r}: distill must lie in [0, 1], got {self.distill}")
 

@@ -50,7 +50,10 @@ def param_groups(model: nn.Module, phase: PhaseConfig) -> list[dict]:
     groups = [{"params": decay, "weight_decay": phase.weight_decay, "base_lr": phase.lr},
               {"params": no_decay, "weight_decay": 0.0, "base_lr": phase.lr}]
     if qparams and phase.quantizers == "learned":
-        groups.append({"params": qparams, "weight_decay": 0.0, "base_lr": phase.quant_lr})
+        group = {"params": qparams, "weight_decay": 0.0, "base_lr": phase.quant_lr}
+        if phase.quant_momentum is not None and phase.optimizer in ("sgd", "rmsprop"):
+            group["momentum"] = phase.quant_momentum
+        groups.append(group)
     return [g for g in groups if g["params"]]
 
 

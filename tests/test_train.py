@@ -126,3 +126,33 @@ def test_lr_schedules_start_low_or_flat_and_end_low(schedule):
         assert factors[-1] <= 0.01 + 1e-9 and max(factors) == pytest.approx(1.0, abs=0.01)
     if schedule == "onecycle":
         assert factors[0] < 0.01 and math.isclose(factors[25], 1.0, abs_tol=0.01)
+
+
+def test_quantizer_momentum_is_its_own_setting():
+    """quant_momentum = 0: a quantizer step is lr x its clipped gradient, with no memory of earlier
+    steps (what stops a budget-driven descent the step the penalty lets go); weights keep theirs."""
+    from torch import nn
+
+    from mixq.config import QuantConfig
+    from mixq.convert import prepare_
+    from mixq.recipe import PhaseConfig
+    from mixq.train import make_optimizer, quantizer_params
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    prepare_(model, QuantConfig(), example_input=torch.randn(2, 1, 8, 8))
+    qids = {id(p) for p in quantizer_params(model)}
+    for quant_momentum, expected in ((0.0, 0.0), (None, 0.9)):
+        opt = make_optimizer(model, PhaseConfig(momentum=0.9, quant_momentum=quant_momentum))
+        for g in opt.param_groups:
+            is_quant = all(id(p) in qids for p in g["params"])
+            assert g["momentum"] == (expected if is_quant else 0.9)
+    q = next(p for p in quantizer_params(model))
+    opt = make_optimizer(model, PhaseConfig(lr=0.0, quant_lr=0.5, quant_momentum=0.0))
+    for _ in range(2):  # the same gradient twice: two equal steps (momentum would make the second larger)
+        before = q.detach().clone()
+        opt.zero_grad()
+        q.grad = torch.ones_like(q)
+        opt.step()
+        torch.testing.assert_close(before - q.detach(), torch.full_like(q, 0.5))
+    with pytest.raises(ValueError, match="quant_momentum"):
+        PhaseConfig(quant_momentum=-0.1)
