@@ -20,6 +20,8 @@ from .config import (
     QuantizerConfig,
     check_choice,
     closest,
+    default_act_config,
+    default_weight_config,
     from_dict,
     parse_bytes,
 )
@@ -146,15 +148,27 @@ class Recipe:
 
 
 def _quant_from_dict(data: dict) -> QuantConfig:
+    """[quant]: [quant.weight] and [quant.act] change the defaults of their own site kind
+    (default_weight_config, default_act_config: e.g. activations take their sign from the data),
+    not the bare QuantizerConfig defaults."""
     data = dict(data)
     if "weight" in data:
-        data["weight"] = from_dict(QuantizerConfig, data["weight"], "quant.weight.")
+        data["weight"] = _site_config(default_weight_config(), data["weight"], "quant.weight.")
     if "act" in data:
-        data["act"] = None if data["act"] in (None, "none", False) else from_dict(
-            QuantizerConfig, data["act"], "quant.act.")
+        data["act"] = None if data["act"] in (None, "none", False) else _site_config(
+            default_act_config(), data["act"], "quant.act.")
     if "rules" in data:
         data["rules"] = tuple(from_dict(LayerRule, r, "quant.rules[].") for r in data["rules"])
     return from_dict(QuantConfig, data, "quant.")
+
+
+def _site_config(base: QuantizerConfig, data: dict, where: str) -> QuantizerConfig:
+    names = [f.name for f in dataclasses.fields(QuantizerConfig)]
+    for key in data:
+        if key not in names:
+            raise ValueError(f"unknown key '{where}{key}'; allowed: {', '.join(sorted(names))}"
+                             + closest(key, names))
+    return base.replace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 def recipe_from_dict(data: dict) -> Recipe:

@@ -73,3 +73,19 @@ def test_overrides_reach_nested_keys_and_phases(tmp_path: Path):
     path.write_text("[model\n")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_recipe(str(path))
+
+
+def test_quant_sections_change_their_own_site_defaults(tmp_path):
+    """[quant.act] starts from default_act_config (sign from the data, percentile init), not from
+    the weights' defaults: a recipe that only sets the widths must not get signed activations."""
+    from mixq.config import default_act_config, default_weight_config
+
+    path = tmp_path / "r.toml"
+    path.write_text('[quant.act]\nbits_init = 4\nbits_min = 4\nbits_max = 4\n[quant.weight]\nbits_min = 3\n')
+    quant = load_recipe(str(path)).quant
+    assert quant.act == default_act_config().replace(bits_init=4, bits_min=4, bits_max=4)
+    assert quant.act.signed is None and quant.act.init == "percentile"
+    assert quant.weight == default_weight_config().replace(bits_min=3)
+    path.write_text("[quant.act]\nbits_maxx = 4\n")
+    with pytest.raises(ValueError, match=r"unknown key 'quant\.act\.bits_maxx'.*did you mean 'bits_max'"):
+        load_recipe(str(path))
