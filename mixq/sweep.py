@@ -102,12 +102,14 @@ def _pct(v) -> str:
 
 
 def sweep_table(rows: list[dict]) -> str:
-    """Markdown table: accuracies in %, bits per weight element (packed / ceil(log2 k) / base k)."""
+    """Markdown table: accuracies in %, bits per weight element (packed / ceil(log2 k) / base k);
+    the final accuracy is after QAT when the recipe has QAT phases, else after fine-tuning."""
     head = ("| point | seed | k | b | level init | equiv. bits | stored bits (packed / ceil / base-k) | "
-            "float % | no FT % | FT % | FT - float | weights KiB |")
-    lines = [head, "|" + "---|" * 12]
+            "float % | no FT % | FT % | QAT % | final - float | weights KiB |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
-        diff = (f"{100 * (r['acc_ft'] - r['float_acc']):+.2f}" if r.get("acc_ft") is not None
+        final = r.get("acc_qat") if r.get("acc_qat") is not None else r.get("acc_ft")
+        diff = (f"{100 * (final - r['float_acc']):+.2f}" if final is not None
                 and r.get("float_acc") is not None else "-")
         stored = "/".join(f"{r[k]:.2f}" if r.get(k) is not None else "-"
                           for k in ("stored_bits", "stored_bits_ceil", "stored_bits_base_k"))
@@ -115,7 +117,7 @@ def sweep_table(rows: list[dict]) -> str:
         kib = f"{r['weight_bytes'] / 1024:.1f}" if r.get("weight_bytes") is not None else "-"
         lines.append(f"| {r['point']} | {r['seed']} | {r['k']} | {r['grid_bits']} | {r['level_init']} | "
                      f"{eq} | {stored} | {_pct(r['float_acc'])} | {_pct(r['acc_no_ft'])} | "
-                     f"{_pct(r['acc_ft'])} | {diff} | {kib} |")
+                     f"{_pct(r['acc_ft'])} | {_pct(r.get('acc_qat'))} | {diff} | {kib} |")
     return "\n".join(lines)
 
 
