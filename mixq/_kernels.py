@@ -193,13 +193,18 @@ def _inverse(perm):
     return inv
 
 
+def _applies(x: Tensor) -> bool:
+    """Whether the fast path may take tensor `x`: enabled, large enough, on a listed device, a float
+    dtype it compiles for, and not already inside torch.compile (which fuses the plain ops itself)."""
+    return (_settings["enabled"] and x.numel() >= _settings["min_numel"] and x.dtype in _FLOATS
+            and x.device.type in _settings["devices"] and not torch.compiler.is_compiling())
+
+
 def uniform_kernel(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool, modifier: str,
                    delta: float) -> UniformKernel | None:
     """The fused kernel for this call, or None where the plain ops run (see the module doc)."""
-    if (not _settings["enabled"] or x.numel() < _settings["min_numel"]
-            or modifier not in FAST_MODIFIERS or x.device.type not in _settings["devices"]
-            or x.dtype not in _FLOATS or scale.dtype not in _FLOATS or qmax.dtype != scale.dtype
-            or torch.compiler.is_compiling()):
+    if (not _applies(x) or modifier not in FAST_MODIFIERS or scale.dtype not in _FLOATS
+            or qmax.dtype != scale.dtype):
         return None
     layout = _layout(x, scale, qmax)
     if layout is None:
@@ -287,10 +292,7 @@ def saved_code_hooks(x_hat: Tensor, step: Tensor, signed: bool, slot: CodeSlot |
     """(pack, unpack) for torch.autograd.graph.saved_tensors_hooks that store `x_hat` (the output of
     a uniform quantizer with at most 8-bit codes and broadcastable per-slice `step`) as 8-bit codes;
     None where that does not apply (settings, small tensors, no grad, under torch.compile)."""
-    if (not _settings["enabled"] or not _settings.get("pack_saved", True)
-            or x_hat.numel() < _settings["min_numel"] or not x_hat.requires_grad
-            or x_hat.device.type not in _settings["devices"] or torch.compiler.is_compiling()
-            or x_hat.dtype not in _FLOATS):
+    if not _applies(x_hat) or not _settings.get("pack_saved", True) or not x_hat.requires_grad:
         return None
     layout = _layout(x_hat, step, step)
     if layout is None:
