@@ -440,7 +440,7 @@ class FlexibleQuantizer(SliceQuantizer):
     @torch.no_grad()
     def one_bit_less(self) -> list[dict[str, Tensor]]:
         """None: k is fixed per layer; flexible budgets are met by the level allocation
-        (mixq.nuuq.allocate_levels, allocation "budget"), not by budget.enforce_budgets_."""
+        (mixq.levels.allocate_levels, allocation "budget"), not by budget.enforce_budgets_."""
         return []
 
     def get_extra_state(self):

@@ -20,16 +20,14 @@ import mixq.flexible as fx
 from mixq import QuantConfig, QuantizerConfig, UniformQuantizer, fold_bn_, prepare_
 from mixq.config import default_act_config
 from mixq.data import DeviceLoader
-from mixq.nuuq import (
+from mixq.levels import (
     FlexibleOptions,
     allocate_levels,
     budget_allocation,
-    calibrate_acts_,
     candidate_levels,
     flexible_options,
-    ptq_sequential,
-    storage_report,
 )
+from mixq.nuuq import calibrate_acts_, ptq_sequential, storage_report
 from mixq.quantizers import make_quantizer
 from mixq.train import evaluate
 
