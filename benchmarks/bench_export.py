@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT))
 from mixq import functional as F  # noqa: E402
 from mixq.config import QuantConfig  # noqa: E402
 from mixq.convert import calibrate_, fold_bn_, prepare_, quant_sites  # noqa: E402
-from mixq.data import DeviceLoader, load_cifar10, stratified_indices  # noqa: E402
+from mixq.data import load_cifar10, stratified_indices  # noqa: E402
 from mixq.export import IntModel, export  # noqa: E402
 from mixq.export.check import check_parity, file_accounting, integer_sizes  # noqa: E402
 from mixq.export.onnx import to_onnx  # noqa: E402
+from mixq.loader import DeviceLoader  # noqa: E402
 from mixq.models import create_model  # noqa: E402
 
 CIFAR_FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_tiny.tar.gz"

@@ -246,7 +246,7 @@ def run_flexible(job, results: dict, state: dict | None = None) -> None:
     Leaves job.model quantized and job.account / job.budgets set for `pipeline.finish`."""
     from .budget import Budgets
     from .convert import fold_bn_
-    from .data import DeviceLoader
+    from .loader import DeviceLoader
     from .pipeline import _run_stage, load_checkpoint, load_model_state
     from .size import SizeAccount
     from .train import save_atomic

@@ -29,7 +29,8 @@ from .budget import (
 )
 from .config import UNITS
 from .convert import calibrate_, fold_bn_, prepare_, quant_plan
-from .data import DeviceLoader, load_dataset
+from .data import load_dataset
+from .loader import DeviceLoader
 from .models import create_model
 from .recipe import PhaseConfig, Recipe, recipe_from_dict
 from .runs import Progress, RunFolder, environment

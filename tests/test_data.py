@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from mixq import data as D
+from mixq.loader import DeviceLoader
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CIFAR_TINY = FIXTURES / "cifar10_tiny.tar.gz"
@@ -291,8 +292,8 @@ def toy(n=40, c=3, hw=8):
 def test_loader_shapes_and_normalization():
     x, y = toy(42)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    ld = D.DeviceLoader(x, y, mean, std, batch_size=8, device="cpu")
-    assert len(ld) == 6 and len(D.DeviceLoader(x, y, mean, std, 8, drop_last=True)) == 5
+    ld = DeviceLoader(x, y, mean, std, batch_size=8, device="cpu")
+    assert len(ld) == 6 and len(DeviceLoader(x, y, mean, std, 8, drop_last=True)) == 5
     batches = list(ld)
     assert [len(b[1]) for b in batches] == [8, 8, 8, 8, 8, 2]
     xb = torch.cat([b[0] for b in batches])
@@ -301,7 +302,7 @@ def test_loader_shapes_and_normalization():
     torch.testing.assert_close(xb, ref)
     assert torch.equal(torch.cat([b[1] for b in batches]), y)
     # shuffled epoch: a permutation of all samples, labels aligned with images
-    sh = D.DeviceLoader(x, y, mean, std, 8, shuffle=True, seed=1)
+    sh = DeviceLoader(x, y, mean, std, 8, shuffle=True, seed=1)
     xs, ys = zip(*sh.epoch(0), strict=True)
     xs, ys = torch.cat(xs), torch.cat(ys)
     assert sorted(ys.tolist()) == list(range(42)) and not torch.equal(ys, y)
@@ -311,8 +312,8 @@ def test_loader_shapes_and_normalization():
 def test_loader_determinism_and_resume():
     x, y = toy(50)
     kw = dict(batch_size=8, shuffle=True, augment=True, pad=2, drop_last=True, seed=7)
-    a = D.DeviceLoader(x, y, (0.5,), (0.5,), **kw)
-    b = D.DeviceLoader(x, y, (0.5,), (0.5,), **kw)
+    a = DeviceLoader(x, y, (0.5,), (0.5,), **kw)
+    b = DeviceLoader(x, y, (0.5,), (0.5,), **kw)
     full = list(a.epoch(3))
     again = list(b.epoch(3))
     for (xa, ya), (xb, yb) in zip(full, again, strict=True):
@@ -322,7 +323,7 @@ def test_loader_determinism_and_resume():
         assert len(resumed) == len(full) - k
         assert torch.equal(resumed[0][0], full[k][0]) and torch.equal(resumed[0][1], full[k][1])
     assert not torch.equal(next(a.epoch(4))[1], full[0][1])  # another epoch, another order
-    other = D.DeviceLoader(x, y, (0.5,), (0.5,), **{**kw, "seed": 8})
+    other = DeviceLoader(x, y, (0.5,), (0.5,), **{**kw, "seed": 8})
     assert not torch.equal(next(other.epoch(3))[1], full[0][1])
     assert list(a.epoch(3, start_batch=len(a))) == []
     with pytest.raises(ValueError):
@@ -346,7 +347,7 @@ def crops_of(img, src, pad, flips=(False, True)):
 
 def test_loader_crop_flip_are_real_crops_with_aligned_labels():
     x, y = toy(64, c=2, hw=6)
-    ld = D.DeviceLoader(x, y, (0.0,), (1 / 255,), batch_size=16, shuffle=True, augment=True,
+    ld = DeviceLoader(x, y, (0.0,), (1 / 255,), batch_size=16, shuffle=True, augment=True,
                         pad=2, seed=0)  # mean 0, std 1/255: batches hold the raw pixel values
     changed = flipped = 0
     for xb, yb in ld.epoch(0):
@@ -359,10 +360,10 @@ def test_loader_crop_flip_are_real_crops_with_aligned_labels():
     # evaluation pass (iterating the loader) is plain and in order, even with augment=True
     assert torch.equal(torch.cat([b[0] for b in ld]).round().to(torch.uint8), x)
     # flip only (pad=0) and crop only (flip=False)
-    xb, yb = next(D.DeviceLoader(x, y, (0.0,), (1 / 255,), 64, augment=True, pad=0).epoch(0))
+    xb, yb = next(DeviceLoader(x, y, (0.0,), (1 / 255,), 64, augment=True, pad=0).epoch(0))
     assert all(crops_of(i, x[l], 0) for i, l in zip(xb, yb, strict=True))
     assert 16 < sum(crops_of(i, x[l], 0) == {(0, 0, True)} for i, l in zip(xb, yb, strict=True)) < 48
-    cr = D.DeviceLoader(x, y, (0.0,), (1 / 255,), 64, augment=True, pad=1, flip=False, seed=0)
+    cr = DeviceLoader(x, y, (0.0,), (1 / 255,), 64, augment=True, pad=1, flip=False, seed=0)
     xb, yb = next(cr.epoch(0))
     assert all(crops_of(i, x[l], 1, flips=(False,)) for i, l in zip(xb, yb, strict=True))
     assert sum(crops_of(i, x[l], 1, (False,)) != {(1, 1, False)} for i, l in zip(xb, yb, strict=True)) > 40
@@ -372,8 +373,8 @@ def test_loader_crop_flip_are_real_crops_with_aligned_labels():
 def test_loader_cuda_matches_cpu():
     x, y = toy(50)
     kw = dict(batch_size=8, shuffle=True, augment=True, seed=5)
-    c = list(D.DeviceLoader(x, y, (0.5,), (0.5,), **kw).epoch(2))
-    g = list(D.DeviceLoader(x, y, (0.5,), (0.5,), device="cuda", **kw).epoch(2))
+    c = list(DeviceLoader(x, y, (0.5,), (0.5,), **kw).epoch(2))
+    g = list(DeviceLoader(x, y, (0.5,), (0.5,), device="cuda", **kw).epoch(2))
     for (xc, yc), (xg, yg) in zip(c, g, strict=True):
         assert xg.is_cuda and torch.equal(yc, yg.cpu())
         torch.testing.assert_close(xc, xg.cpu())

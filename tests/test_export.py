@@ -31,7 +31,7 @@ from torch.nn import functional as tF
 from mixq import functional as F
 from mixq.config import LayerRule, QuantConfig, default_act_config, default_weight_config
 from mixq.convert import calibrate_, fold_bn_, prepare_, quant_sites
-from mixq.data import DeviceLoader, load_cifar10
+from mixq.data import load_cifar10
 from mixq.export import ExportError, ExportFormatError, IntModel, export
 from mixq.export.check import check_parity, file_accounting, integer_sizes
 from mixq.export.intmodel import FORMAT, Fixed, conv2d_int, requantize, round_half_even_div
@@ -43,6 +43,7 @@ from mixq.export.pack import (
     unpack_base_k,
     unpack_bits,
 )
+from mixq.loader import DeviceLoader
 from mixq.models import create_model
 from mixq.size import size_report
 

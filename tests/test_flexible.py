@@ -19,7 +19,6 @@ from torch.testing import assert_close
 import mixq.flexible as fx
 from mixq import QuantConfig, QuantizerConfig, UniformQuantizer, fold_bn_, prepare_
 from mixq.config import default_act_config
-from mixq.data import DeviceLoader
 from mixq.levels import (
     FlexibleOptions,
     allocate_levels,
@@ -27,6 +26,7 @@ from mixq.levels import (
     candidate_levels,
     flexible_options,
 )
+from mixq.loader import DeviceLoader
 from mixq.nuuq import calibrate_acts_, ptq_sequential, storage_report
 from mixq.quantizers import make_quantizer
 from mixq.train import evaluate
