@@ -200,6 +200,11 @@ def _applies(x: Tensor) -> bool:
             and x.device.type in _settings["devices"] and not torch.compiler.is_compiling())
 
 
+def _kind(a: int, s: int) -> str:
+    """The slice layout of an (a, s, b) view: one slice, slices leading (weights), or in between."""
+    return "tensor" if s == 1 else "out" if a == 1 else "in"
+
+
 def uniform_kernel(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool, modifier: str,
                    delta: float) -> UniformKernel | None:
     """The fused kernel for this call, or None where the plain ops run (see the module doc)."""
@@ -212,7 +217,7 @@ def uniform_kernel(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool, modifie
     a, s, b, perm = layout
     # one compiled function per key, each with its own code object and so its own compile cache:
     # within a key only the sizes change, which dynamic shapes cover
-    kind = "tensor" if s == 1 else "out" if a == 1 else "in"
+    kind = _kind(a, s)
     key = (bool(signed), modifier, float(delta), kind, x.dtype, scale.dtype, x.device.type)
     if key in _failed_keys:
         return None
@@ -298,7 +303,7 @@ def saved_code_hooks(x_hat: Tensor, step: Tensor, signed: bool, slot: CodeSlot |
     if layout is None:
         return None
     a, s_count, b, perm = layout
-    kind = "tensor" if s_count == 1 else "out" if a == 1 else "in"
+    kind = _kind(a, s_count)
     key = (bool(signed), kind, x_hat.dtype, x_hat.device.type)
     if key in _failed_keys:
         return None

@@ -58,3 +58,13 @@ def fmnist_dir(tmp_path_factory) -> str:
         array = data[key]
         write_idx(str(folder / f"{stem}.gz"), array.reshape(len(array), 28, 28) if array.ndim == 4 else array)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: its tensors are small and the CPUs are shared, so more
+    threads only add OpenMP spinning (modules opt in with pytest.mark.usefixtures("one_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

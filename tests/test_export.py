@@ -54,13 +54,7 @@ FMNIST_MEAN, FMNIST_STD = (0.286,), (0.353,)
 # ---------------------------------------------------------------------------------- data and models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPUs are shared; small float64 reference passes gain nothing from more threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

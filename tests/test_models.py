@@ -22,13 +22,7 @@ SMALL_HW = {"cifar": 16, "imagenet": 48}
 CHEAP = ("fmnist_cnn", "resnet20")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and avoids OpenMP spin on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str, stem: str = "cifar", num_classes: int = 10, seed: int = 0,
