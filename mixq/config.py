@@ -231,8 +231,9 @@ class QuantConfig:
         object.__setattr__(self, "rules", tuple(self.rules))
 
 
-def from_dict(cls, data: dict[str, Any], where: str = ""):
-    """Build dataclass `cls` from a plain dict; unknown keys raise with the closest match."""
+def from_dict(cls, data: dict[str, Any], where: str = "", base=None):
+    """Build dataclass `cls` from a plain dict (over the defaults of instance `base` when given);
+    unknown keys raise with the closest match."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -240,4 +241,5 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
         raise ValueError(
             f"unknown key '{where}{key}'; allowed: {', '.join(sorted(names))}" + closest(key, names)
         )
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)

@@ -153,22 +153,14 @@ def _quant_from_dict(data: dict) -> QuantConfig:
     not the bare QuantizerConfig defaults."""
     data = dict(data)
     if "weight" in data:
-        data["weight"] = _site_config(default_weight_config(), data["weight"], "quant.weight.")
+        data["weight"] = from_dict(QuantizerConfig, data["weight"], "quant.weight.",
+                                   base=default_weight_config())
     if "act" in data:
-        data["act"] = None if data["act"] in (None, "none", False) else _site_config(
-            default_act_config(), data["act"], "quant.act.")
+        data["act"] = None if data["act"] in (None, "none", False) else from_dict(
+            QuantizerConfig, data["act"], "quant.act.", base=default_act_config())
     if "rules" in data:
         data["rules"] = tuple(from_dict(LayerRule, r, "quant.rules[].") for r in data["rules"])
     return from_dict(QuantConfig, data, "quant.")
-
-
-def _site_config(base: QuantizerConfig, data: dict, where: str) -> QuantizerConfig:
-    names = [f.name for f in dataclasses.fields(QuantizerConfig)]
-    for key in data:
-        if key not in names:
-            raise ValueError(f"unknown key '{where}{key}'; allowed: {', '.join(sorted(names))}"
-                             + closest(key, names))
-    return base.replace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 def recipe_from_dict(data: dict) -> Recipe:
