@@ -14,6 +14,7 @@ model, kept through fine-tuning and QAT unless `learn_act_ranges`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import torch
@@ -136,12 +137,14 @@ def frozen_act_ranges(model: nn.Module, frozen: bool = True):
 
 
 def run_phase(model, phase: PhaseConfig, index: int, train_loader, hooks, stop: StopFlag | None = None,
-              learn_act_ranges: bool = False):
-    """One fine-tuning or QAT phase (PhaseRunner), activation ranges frozen unless asked."""
+              learn_act_ranges: bool = False, teacher: nn.Module | None = None):
+    """One fine-tuning or QAT phase (PhaseRunner), activation ranges frozen unless asked; with
+    `teacher` and phase.distill > 0 the loss distills from it."""
     if getattr(hooks, "show", None) is not None:
         hooks.show.begin(phase.name[:12])
     with frozen_act_ranges(model, not learn_act_ranges):
-        return PhaseRunner(model, phase, index, train_loader, hooks, stop or StopFlag()).run(PhaseProgress())
+        return PhaseRunner(model, phase, index, train_loader, hooks, stop or StopFlag(),
+                           teacher=teacher).run(PhaseProgress())
 
 
 def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOptions, hooks=None,
@@ -267,6 +270,7 @@ def run_flexible(job, results: dict, state: dict | None = None) -> None:
     else:
         _run_stage(job, 0, recipe.pretrain, state if state and state.get("stage") == 0 else None, results)
     model = job.model
+    teacher = copy.deepcopy(model).eval() if any(p.distill for p in recipe.phases) else None
     if recipe.fold_bn:
         fold_bn_(model)
     clean = DeviceLoader(job.train.x, job.train.y, mean=job.mean, std=job.std, shuffle=False, augment=False,
@@ -300,6 +304,6 @@ def run_flexible(job, results: dict, state: dict | None = None) -> None:
         if recipe.phases:  # otherwise it is the run's final quant_acc (add_flexible_summary)
             flex["test_acc_ft"] = evaluate(model, job.test, dtype=torch.float64)["acc"]
     for i, phase in enumerate(recipe.phases):
-        run_phase(model, phase, 1 + i, job.train, hooks, job.stop, opts.learn_act_ranges)
+        run_phase(model, phase, 1 + i, job.train, hooks, job.stop, opts.learn_act_ranges, teacher)
         flex.setdefault("qat_phases", []).append(phase.name)
     results["flexible"] = flex

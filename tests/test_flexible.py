@@ -4,6 +4,7 @@ grid snapping, k-means, the exact DP against brute force, the invariants of nuuq
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -471,3 +472,32 @@ def test_pipeline_flexible_run_reports_bits_meets_its_budget_and_exports_exactly
     report = export_run(tmp_path / "run", tmp_path / "model.mixq", data_root=fmnist_dir, parity_images=100)
     assert report["parity"]["agree"] == 100 and report["parity"]["max_logit_diff_steps"] == 0
     assert report["budgets_met"]
+
+
+def test_qat_phase_distills_from_the_teacher_when_asked():
+    """With distill = 1 the labels do not enter the loss: trained on labels that are all class 0,
+    the student keeps the teacher's predictions; without a teacher it learns to answer 0."""
+    from mixq.nuuq import _Hooks, run_phase
+    from mixq.recipe import PhaseConfig
+
+    train, test = fixture_loaders()
+    teacher = small_cnn()
+    run_phase(teacher, PhaseConfig(name="float", epochs=2, lr=0.05, schedule="constant"), 0, train,
+              _Hooks(lambda: evaluate(teacher, test)))
+    teacher.eval()
+    wrong = DeviceLoader(train.x, torch.zeros_like(train.y), MEAN, STD, batch_size=50, shuffle=True,
+                         augment=False, drop_last=True, seed=0)
+    phase = PhaseConfig(name="qat", epochs=1, lr=0.01, schedule="constant", distill=1.0)
+    agree = {}
+    for with_teacher in (True, False):
+        model = copy.deepcopy(teacher)
+        quantize(model, train, levels=4, bits=8)
+        run_phase(model, phase, 1, wrong, _Hooks(lambda: evaluate(model, test)),
+                  teacher=teacher if with_teacher else None)
+        model.eval()
+        with torch.no_grad():
+            x = next(iter(test))[0]
+            agree[with_teacher] = float((model(x).argmax(1) == teacher(x).argmax(1)).float().mean())
+            if not with_teacher:
+                assert float((model(x).argmax(1) == 0).float().mean()) > 0.9
+    assert agree[True] > 0.7 and agree[False] < 0.3
