@@ -155,7 +155,7 @@ class Job:
                                        std=self.std, batch_size=256, device=self.device)))[0]
         lowered = enforce_budgets_(self.model, self.budgets, batch)
         self.show.message(f"{why}: lowered {len(lowered)} slices by one bit to meet every budget")
-        self.folder.log({"event": "enforce_budgets", "why": why, "lowered": lowered})
+        self.folder.log({"event": "enforce_budgets", "why": why, "lowered": lowered, "sizes": self.sizes_bytes()})
         return lowered
 
     def _start_bits(self, model: nn.Module) -> int:
@@ -292,6 +292,8 @@ def _run_stage(job: Job, stage: int, phase: PhaseConfig, state: dict | None, res
                                "but no checkpoint of that phase met every budget; train the mixed "
                                "phase longer or raise the budget")
         load_model_state(job.model, load_checkpoint(best), best)
+    if phase.greedy_start and state is None and stage >= 1 and job.budgets.items():
+        job.enforce_budgets_(f"phase {phase.name!r} starts inside its budgets")
     penalty = None
     if phase.penalty and stage >= 1 and job.budgets.items():
         b = recipe.budget

@@ -66,6 +66,9 @@ class PhaseConfig:
 
     penalty: apply the budget penalty (the mixed phase). reload_best: start from the best
     checkpoint of the previous phase that met every budget (Schaefer's phase 3).
+    greedy_start: before the phase, lower bit widths one slice at a time, each time the slice whose
+    step adds the least squared quantization error per bit saved, until every budget is met
+    (`budget.enforce_budgets_`); the phase then trains, and learns, inside its budgets.
     """
 
     name: str = "float"
@@ -83,6 +86,7 @@ class PhaseConfig:
     update_every: int = 1
     penalty: bool = False
     reload_best: bool = False
+    greedy_start: bool = False
     distill: float = 0.0
     distill_temperature: float = 4.0
     evals_per_epoch: int = 1

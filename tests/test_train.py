@@ -156,3 +156,17 @@ def test_quantizer_momentum_is_its_own_setting():
         torch.testing.assert_close(before - q.detach(), torch.full_like(q, 0.5))
     with pytest.raises(ValueError, match="quant_momentum"):
         PhaseConfig(quant_momentum=-0.1)
+
+
+def test_greedy_start_enters_the_phase_inside_the_budget(tmp_path, fmnist_dir):
+    folder = tmp_path / "greedy"
+    summary = run(folder, fmnist_dir, overrides=["phases.1.greedy_start=true", "phases.1.epochs=0.5"])
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    first_mixed = next(i for i, r in enumerate(log) if r.get("stage") == 2)
+    events = [(i, r) for i, r in enumerate(log) if r.get("event") == "enforce_budgets"]
+    assert events and events[0][0] < first_mixed and "starts inside" in events[0][1]["why"]
+    i, start = events[0]
+    assert start["lowered"] and start["sizes"]["weight_bytes"] <= summary["budgets"]["weight_bytes"]
+    before = [r for r in log[:i] if r.get("stage") == 1 and "sizes" in r][-1]  # homogeneous 4 bits
+    assert before["sizes"]["weight_bytes"] > summary["budgets"]["weight_bytes"]
+    assert summary["all_budgets_met"]
