@@ -163,19 +163,52 @@ def resolve_budgets(spec: dict[str, str | None], model: nn.Module) -> Budgets:
     return Budgets(**resolved)
 
 
-def _slice_error(quant, x: Tensor) -> Tensor:
-    """Per-slice sum of squared quantization error of `x` (a tensor as the quantizer sees it)."""
-    return quant.slice_rows((quant(x) - x) ** 2).sum(dim=1)
+def squared_gradients(model: nn.Module, loader, batches: int, params: list[Tensor]) -> list[Tensor]:
+    """Mean over the first `batches` batches of `loader` of the squared gradient of the
+    cross-entropy loss for each of `params`, the model in eval mode: the diagonal of the empirical
+    Fisher of batch gradients. A small weight error e raises the loss by about 1/2 F e^2."""
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    was, used = model.training, 0
+    model.eval()
+    try:
+        for x, y in loader:
+            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+            for a, g in zip(acc, grads, strict=True):
+                a += g.double() ** 2
+            used += 1
+            if used >= batches:
+                break
+    finally:
+        model.train(was)
+    return [a / max(used, 1) for a in acc]
+
+
+def weight_importance(model: nn.Module, loader, batches: int) -> dict[str, Tensor]:
+    """`squared_gradients` of every quantized layer's weight, by layer name (for enforce_budgets_)."""
+    sites = [s for s in quant_sites(model) if s.role == "weight"]
+    grads = squared_gradients(model, loader, batches, [s.layer.weight for s in sites])
+    return {s.fqn: g.to(s.layer.weight.dtype) for s, g in zip(sites, grads, strict=True)}
+
+
+def _slice_error(quant, x: Tensor, importance: Tensor | None = None) -> Tensor:
+    """Per-slice sum of squared quantization error of `x` (a tensor as the quantizer sees it),
+    each element's error weighted by `importance` (same shape) when given."""
+    err = (quant(x) - x) ** 2
+    return quant.slice_rows(err if importance is None else importance * err).sum(dim=1)
 
 
 @torch.no_grad()
-def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor) -> list[str]:
+def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor,
+                     importance: dict[str, Tensor] | None = None) -> list[str]:
     """Lower bit widths greedily until every budget is met; returns what was lowered.
 
-    The fallback that makes the final model meet its budgets whatever the optimizer did: while a
-    budget is exceeded, among the slices that count toward it, lower by one bit the one whose step
-    adds the least squared quantization error per bit saved (on the weights, or on the activations
-    that `batch` produces). Raises ValueError if no slice can go lower.
+    While a budget is exceeded, among the slices that count toward it, lower by one bit the one
+    whose step adds the least squared quantization error per bit saved (on the weights, or on the
+    activations that `batch` produces). `importance` (layer name -> weight-shaped tensor, e.g.
+    `weight_importance`) weights each weight's squared error, so the criterion estimates the loss
+    increase 1/2 sum F e^2 instead of treating every weight alike. The fallback that makes a model
+    meet its budgets whatever the optimizer did, and the allocation of `greedy_start` phases.
+    Raises ValueError if no slice can go lower.
     """
     sites = quant_sites(model)
     samples: dict[int, Tensor] = {}
@@ -190,9 +223,12 @@ def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor) -> list[
         model.train(was_training)
         for h in handles:
             h.remove()
+    weights = {}
     for s in sites:
         if s.role == "weight":
             samples[id(s.quant)] = s.layer.weight.detach().float()
+            if importance is not None and s.fqn in importance:
+                weights[id(s.quant)] = importance[s.fqn].float()
     from .size import SizeAccount
 
     account, lowered = SizeAccount(model), []
@@ -210,7 +246,8 @@ def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor) -> list[
         best = None
         for s in pool:
             if id(s.quant) not in cache and id(s.quant) in samples:
-                cache[id(s.quant)] = _cheapest_step(s.quant, samples[id(s.quant)], floors[id(s.quant)])
+                cache[id(s.quant)] = _cheapest_step(s.quant, samples[id(s.quant)], floors[id(s.quant)],
+                                                    weights.get(id(s.quant)))
             option = cache.get(id(s.quant))
             if option is not None and (best is None or option[0] < best[0][0]):
                 best = (option, s)
@@ -223,14 +260,14 @@ def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor) -> list[
         lowered.append(f"{s.fqn}:{s.role}[{i}]")
 
 
-def _cheapest_step(q, x: Tensor, floor: float) -> tuple[float, dict, int] | None:
-    """(error added per bit saved, candidate, slice) of the cheapest one-bit step of `q`."""
-    bits, base, best = q.bits_per_slice(), _slice_error(q, x), None
+def _cheapest_step(q, x: Tensor, floor: float, importance: Tensor | None = None):
+    """(error added per bit saved, candidate, slice) of the cheapest one-bit step of `q`, or None."""
+    bits, base, best = q.bits_per_slice(), _slice_error(q, x, importance), None
     for cand in q.one_bit_less():
         saved_values = {k: getattr(q, k).detach().clone() for k in cand}
         for k, v in cand.items():
             getattr(q, k).copy_(v)
-        new_bits, err = q.bits_per_slice(), _slice_error(q, x)
+        new_bits, err = q.bits_per_slice(), _slice_error(q, x, importance)
         for k, v in saved_values.items():
             getattr(q, k).copy_(v)
         saved = (bits - new_bits) * q.numel

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as tF
 
 from . import flexible as fx
+from .budget import squared_gradients
 from .config import GRANULARITIES, LEVEL_INITS, PACKINGS, THRESHOLDS, check_choice, from_dict, parse_bytes
 from .convert import FLOAT_LAYERS, quant_sites
 from .flexible import FlexibleQuantizer
@@ -191,19 +191,8 @@ def fisher_sensitivity(model: nn.Module, loader, batches: int) -> dict[str, floa
     the loss increase of a small weight error d is ~ 1/2 F d^2, so layer l at k levels is charged
     1/2 F_l SSE_l(k) (the 'loss' of the budget allocation)."""
     layers = quantizable_layers(model)
-    acc = {f: 0.0 for f, _ in layers}
-    was = model.training
-    model.eval()
-    used = 0
-    for x, y in loader:
-        grads = torch.autograd.grad(tF.cross_entropy(model(x), y), [m.weight for _, m in layers])
-        for (f, _), g in zip(layers, grads, strict=True):
-            acc[f] += float((g.double() ** 2).mean())
-        used += 1
-        if used >= batches:
-            break
-    model.train(was)
-    return {f: v / max(used, 1) for f, v in acc.items()}
+    fisher = squared_gradients(model, loader, batches, [m.weight for _, m in layers])
+    return {f: float(g.mean()) for (f, _), g in zip(layers, fisher, strict=True)}
 
 
 def weight_rows(weight: torch.Tensor, granularity: str) -> np.ndarray:

@@ -24,6 +24,7 @@ from .budget import (
     check_feasible,
     element_counts,
     enforce_budgets_,
+    weight_importance,
     ramp,
     resolve_budgets,
 )
@@ -150,10 +151,14 @@ class Job:
         self.account = size_mod.SizeAccount(model)
 
     def enforce_budgets_(self, why: str) -> list[str]:
-        """Lower bit widths greedily until every budget is met (budget.enforce_budgets_)."""
+        """Lower bit widths greedily until every budget is met (budget.enforce_budgets_), by the
+        recipe's criterion (Fisher-weighted squared error from training batches, or plain)."""
         batch = next(iter(DeviceLoader(self.train.x[:256], self.train.y[:256], mean=self.mean,
                                        std=self.std, batch_size=256, device=self.device)))[0]
-        lowered = enforce_budgets_(self.model, self.budgets, batch)
+        b = self.recipe.budget
+        importance = (weight_importance(self.model, self.train, b.fisher_batches)
+                      if b.greedy_criterion == "fisher" and self.budgets.weight_bytes is not None else None)
+        lowered = enforce_budgets_(self.model, self.budgets, batch, importance)
         self.show.message(f"{why}: lowered {len(lowered)} slices by one bit to meet every budget")
         self.folder.log({"event": "enforce_budgets", "why": why, "lowered": lowered, "sizes": self.sizes_bytes()})
         return lowered

@@ -103,10 +103,18 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: distill must lie in [0, 1], got {self.distill}")
 
 
+GREEDY_CRITERIA = ("fisher", "mse")
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     """Budgets as strings with units ('70.1 KiB', '4.14 MB') or per element ('2.5 bpe': bits per
-    weight element, bias included, or per activation element), resolved to bytes on the model."""
+    weight element, bias included, or per activation element), resolved to bytes on the model.
+
+    greedy_criterion: what the greedy lowering of bits (`greedy_start`, and the enforcement when a
+    phase ends above its budgets) minimizes per bit saved: "fisher", each weight's squared error
+    weighted by the empirical Fisher diagonal from `fisher_batches` training batches (an estimate of
+    the loss increase), or "mse", the plain squared error. Activation slices use the plain error."""
 
     weight: str | None = None
     act_sum: str | None = None
@@ -117,9 +125,14 @@ class BudgetConfig:
     margin: float = 0.01
     ramp_start: float = 0.01
     ramp_fraction: float = 0.5
+    greedy_criterion: str = "fisher"
+    fisher_batches: int = 20
 
     def __post_init__(self):
         check_choice("budget controller", self.controller, ("pi", "none"))
+        check_choice("budget greedy_criterion", self.greedy_criterion, GREEDY_CRITERIA)
+        if self.fisher_batches < 1:
+            raise ValueError(f"budget fisher_batches must be >= 1, got {self.fisher_batches}")
         for key in ("weight", "act_sum", "act_max"):
             value = getattr(self, key)
             if value is not None and not str(value).strip().endswith("bpe"):

@@ -17,6 +17,8 @@ from mixq.budget import (
     minimum_sizes_bytes,
     ramp,
     resolve_budgets,
+    squared_gradients,
+    weight_importance,
 )
 from mixq.size import SizeAccount
 
@@ -125,3 +127,49 @@ def test_enforcement_meets_any_feasible_budget(key):
         assert (s.quant.bits_per_slice() >= (2 if s.quant.signed else 1)).all()
     with pytest.raises(ValueError, match="minimum width"):
         enforce_budgets_(net, Budgets(**{f"{key}_bytes": floor - 1}), x)
+
+
+def test_squared_gradients_match_a_float64_reference():
+    net = small_net().double()
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))) for _ in range(3)]
+    params = [net[0].weight, net[6].weight]
+    got = squared_gradients(net, batches, 2, params)  # the first two batches only
+    want = [torch.zeros_like(p) for p in params]
+    for x, y in batches[:2]:
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        for w, p in zip(want, params):
+            w += p.grad ** 2 / 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+    assert net.training  # the model's mode is restored
+
+
+def test_importance_steers_the_greedy_lowering_to_the_unimportant_layer():
+    """Steps that clip nothing cost nothing whatever the weighting; all others go to the layer whose
+    errors are cheap: the first layer, which the plain criterion hardly touches, or the last."""
+    from collections import Counter
+
+    def lowered_by_layer(cheap):
+        net, x = prepared()
+        size = float(SizeAccount(net)()["weight_bits"].detach()) / 8
+        importance = None if cheap is None else {
+            s.fqn: torch.full_like(s.layer.weight, 1e-6 if s.fqn == cheap else 1e6)
+            for s in mixq.quant_sites(net) if s.role == "weight"}
+        lowered = enforce_budgets_(net, Budgets(weight_bytes=size - 50), x, importance)
+        return Counter(item.split(":")[0] for item in lowered)
+
+    plain = lowered_by_layer(None)
+    assert plain.most_common(1)[0][0] == "2" and plain["0"] <= 1
+    for cheap in ("0", "6"):
+        counts = lowered_by_layer(cheap)
+        assert counts[cheap] >= 0.7 * sum(counts.values()), counts
+
+
+def test_weight_importance_names_every_quantized_weight():
+    net, x = prepared()
+    imp = weight_importance(net, [(x, torch.zeros(len(x), dtype=torch.long))], 1)
+    sites = [s for s in mixq.quant_sites(net) if s.role == "weight"]
+    assert list(imp) == [s.fqn for s in sites]
+    assert all(imp[s.fqn].shape == s.layer.weight.shape and (imp[s.fqn] >= 0).all() for s in sites)

@@ -48,6 +48,9 @@ def test_uhlich_recipe_budgets():
     (["quant.act.modifier=ewsg"], "did you mean 'ewgs'"),
     (["phases.0.optimizer=adamm"], "did you mean 'adam'"),
     (["budget.weight=70 KB"], "ambiguous"),
+    (["budget.greedy_criterion=fischer"], "did you mean 'fisher'"),
+    (["budget.fisher_batches=0"], "fisher_batches must be >= 1"),
+    (["phases.1.greedy_strat=true"], "did you mean 'greedy_start'"),
     (["pretrain.epochs"], "key=value"),
 ])
 def test_bad_values_fail_with_a_suggestion(overrides, message):
