@@ -4,7 +4,7 @@ within 0.6 points, uniform 2-bit weights far worse) hold in our harness? Collect
 
     python benchmarks/nuuq_table.py SWEEP_DIR [SWEEP_DIR ...] [--ablation LABEL=SWEEP_DIR ...]
         [--wall-seconds S] [--commands FILE] [--notes FILE]
-    python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR --stem NAME --about FILE [--commands FILE]
+    python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR[,SWEEP_DIR] --stem NAME --about FILE [--commands FILE]
 
 The second form writes one protocol's table (e.g. PTQ + fine-tuning + QAT from a given float model)
 to results/NAME.md and .json, with the paragraph in FILE saying what the protocol is.
@@ -109,8 +109,8 @@ def mse_table(rows: list[dict]) -> str:
 
 def protocol_report(args) -> None:
     """One protocol's rows (ablation_table) with the machine, the description and the commands."""
-    label, folder = args.protocol.split("=", 1)
-    rows = load_rows([folder])
+    label, folders = args.protocol.split("=", 1)
+    rows = load_rows(folders.split(","))
     info = machine_info()
     parts = [f"# NUUQ on Fashion-MNIST: {label}", "",
              f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used one thread), "
@@ -130,7 +130,7 @@ def protocol_report(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweeps", nargs="*")
-    p.add_argument("--protocol", default=None, metavar="LABEL=DIR", help="one protocol's table only")
+    p.add_argument("--protocol", default=None, metavar="LABEL=DIR[,DIR]", help="one protocol's table only")
     p.add_argument("--stem", default=None, help="results file stem for --protocol")
     p.add_argument("--about", default=None, help="Markdown paragraph describing --protocol's runs")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
@@ -156,11 +156,12 @@ def main() -> None:
         f"used one thread), torch {info['torch']}, Python {info['python']}, {info['date']}. "
         f"Git commit {info.get('git_commit', '?')}.",
         "",
-        "Model fmnist_cnn (7 conv/linear layers, 259,952 weights), BatchNorm folded, float trained with "
-        "recipes/fmnist_default.toml's float phase (4 epochs). Weights: NUUQ per output channel, "
+        "Model fmnist_cnn (7 conv/linear layers, 259,952 weights), BatchNorm folded; the float model is "
+        "the main job's (recipes/fmnist_default.toml's float phase: 6 epochs, flips only, seed 0), given "
+        "as flexible.float_checkpoint. Weights: NUUQ per output channel, "
         "power-of-two clip, levels from the exact grid-constrained DP (level_init dp), midpoint thresholds. "
         "Activations: "
-        "uniform 8-bit at every conv/linear input. Post-training, layer by layer from input to output; FT = "
+        "uniform 8-bit (unsigned after ReLU) at every conv/linear input. Post-training, layer by layer from input to output; FT = "
         "0.25 epoch of fine-tuning after each layer (later layers' weights and all biases, SGD lr 0.01 "
         "cosine). Uniform rows: the same procedure with fixed uniform levels, MSE-chosen power-of-two step: "
         "k = 3 at b = 2 is the symmetric {-1, 0, 1} grid of mixq's 2-bit UniformQuantizer, k = 4 at b = 2 "
