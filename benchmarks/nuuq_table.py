@@ -4,10 +4,11 @@ within 0.6 points, uniform 2-bit weights far worse) hold in our harness? Collect
 
     python benchmarks/nuuq_table.py SWEEP_DIR [SWEEP_DIR ...] [--ablation LABEL=SWEEP_DIR ...]
         [--wall-seconds S] [--commands FILE] [--notes FILE]
-    python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR[,SWEEP_DIR] --stem NAME --about FILE [--commands FILE]
+    python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR[,SWEEP_DIR] [--protocol ...] --stem NAME
+        --about FILE [--commands FILE]
 
-The second form writes one protocol's table (e.g. PTQ + fine-tuning + QAT from a given float model)
-to results/NAME.md and .json, with the paragraph in FILE saying what the protocol is.
+The second form writes the protocols' table (e.g. PTQ + fine-tuning + QAT from a given float model)
+to results/NAME.md and .json, with the paragraph in FILE saying what the protocols are.
 
 The sweeps themselves (sequential, one thread: see the .md file for the exact commands) are what
 costs time; this script only reads their results and the machine description.
@@ -109,15 +110,18 @@ def mse_table(rows: list[dict]) -> str:
 
 def protocol_report(args) -> None:
     """One protocol's rows (ablation_table) with the machine, the description and the commands."""
-    label, folders = args.protocol.split("=", 1)
-    rows = load_rows(folders.split(","))
+    protocols = []
+    for item in args.protocol:
+        label, folders = item.split("=", 1)
+        protocols.append((label, load_rows(folders.split(","))))
+    rows = [r for _, rs in protocols for r in rs]
     info = machine_info()
-    parts = [f"# NUUQ on Fashion-MNIST: {label}", "",
+    parts = [f"# NUUQ on Fashion-MNIST: {'; '.join(label for label, _ in protocols)}", "",
              f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used one thread), "
              f"torch {info['torch']}, Python {info['python']}, {info['date']}. Git commit "
              f"{info.get('git_commit', '?')}. Seed {', '.join(sorted({str(r['seed']) for r in rows}))}; "
              f"float model test accuracy {', '.join(sorted({pct(r['float_acc']) for r in rows}))} %.",
-             "", Path(args.about).read_text().strip(), "", ablation_table([(label, rows)])]
+             "", Path(args.about).read_text().strip(), "", ablation_table(protocols)]
     if args.commands:
         parts += ["", "## Commands", "", "```", Path(args.commands).read_text().strip(), "```"]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -130,7 +134,8 @@ def protocol_report(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweeps", nargs="*")
-    p.add_argument("--protocol", default=None, metavar="LABEL=DIR[,DIR]", help="one protocol's table only")
+    p.add_argument("--protocol", action="append", default=[], metavar="LABEL=DIR[,DIR]",
+                   help="a protocol's runs (repeatable): writes only the protocols' table")
     p.add_argument("--stem", default=None, help="results file stem for --protocol")
     p.add_argument("--about", default=None, help="Markdown paragraph describing --protocol's runs")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
