@@ -24,9 +24,9 @@ from .budget import (
     check_feasible,
     element_counts,
     enforce_budgets_,
-    weight_importance,
     ramp,
     resolve_budgets,
+    weight_importance,
 )
 from .config import UNITS
 from .convert import calibrate_, fold_bn_, prepare_, quant_plan
@@ -160,7 +160,8 @@ class Job:
                       if b.greedy_criterion == "fisher" and self.budgets.weight_bytes is not None else None)
         lowered = enforce_budgets_(self.model, self.budgets, batch, importance)
         self.show.message(f"{why}: lowered {len(lowered)} slices by one bit to meet every budget")
-        self.folder.log({"event": "enforce_budgets", "why": why, "lowered": lowered, "sizes": self.sizes_bytes()})
+        self.folder.log({"event": "enforce_budgets", "why": why, "lowered": lowered,
+                         "sizes": self.sizes_bytes()})
         return lowered
 
     def _start_bits(self, model: nn.Module) -> int:

@@ -67,8 +67,9 @@ class PhaseConfig:
     penalty: apply the budget penalty (the mixed phase). reload_best: start from the best
     checkpoint of the previous phase that met every budget (Schaefer's phase 3).
     greedy_start: before the phase, lower bit widths one slice at a time, each time the slice whose
-    step adds the least squared quantization error per bit saved, until every budget is met
-    (`budget.enforce_budgets_`); the phase then trains, and learns, inside its budgets.
+    step adds the least squared quantization error per bit saved (weighted as
+    `budget.greedy_criterion` says), until every budget is met (`budget.enforce_budgets_`); the
+    phase then trains, and learns, inside its budgets.
     """
 
     name: str = "float"

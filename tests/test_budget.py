@@ -139,9 +139,9 @@ def test_squared_gradients_match_a_float64_reference():
     for x, y in batches[:2]:
         net.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
-        for w, p in zip(want, params):
+        for w, p in zip(want, params, strict=True):
             w += p.grad ** 2 / 2
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
     assert net.training  # the model's mode is restored
 

@@ -492,7 +492,7 @@ def test_qat_phase_distills_from_the_teacher_when_asked():
     for with_teacher in (True, False):
         model = copy.deepcopy(teacher)
         quantize(model, train, levels=4, bits=8)
-        run_phase(model, phase, 1, wrong, _Hooks(lambda: evaluate(model, test)),
+        run_phase(model, phase, 1, wrong, _Hooks(lambda m=model: evaluate(m, test)),
                   teacher=teacher if with_teacher else None)
         model.eval()
         with torch.no_grad():
