@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import RESULTS, machine_info  # noqa: E402
 
-from mixq.pipeline import Job, _run_stage, finish  # noqa: E402  (the stages of pipeline.train_run)
+from mixq.pipeline import (  # noqa: E402  (the stages of pipeline.train_run)
+    Job,
+    _run_stage,
+    finish,
+    load_checkpoint,
+    load_model_state,
+)
 from mixq.recipe import load_recipe  # noqa: E402
 from mixq.runs import RunFolder, environment  # noqa: E402
 from mixq.train import evaluate  # noqa: E402
@@ -42,7 +48,7 @@ def run(args) -> None:
                                          "float": str(args.float)})
     shutil.copy(args.float, folder.ckpt / "float.pt")
     job = Job(recipe, folder, progress=False, device="cpu")
-    job.model.load_state_dict(torch.load(args.float, map_location="cpu"))
+    load_model_state(job.model, load_checkpoint(args.float), args.float)  # clear errors on a bad file
     results = {"started": time.time(), "float_acc": evaluate(job.model, job.test)["acc"]}
     for stage, phase in enumerate(recipe.phases, start=1):
         _run_stage(job, stage, phase, None, results)
