@@ -17,6 +17,7 @@ not one of the timed ones.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -38,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mixq  # noqa: E402
-from mixq import QuantConfig, models  # noqa: E402
+from mixq import QuantConfig, _kernels, models  # noqa: E402
 from mixq.budget import BudgetPenalty, Budgets  # noqa: E402
 from mixq.convert import quant_sites  # noqa: E402
 from mixq.recipe import PhaseConfig  # noqa: E402
@@ -213,14 +214,16 @@ def make_batch(name: str, batch: int, device: str, seed: int = 1):
 def _autocast(device: str, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
-    """One training-step variant. kind: float | mixq | torch_lsq | brevitas. mode: eager | compiled.
+    """One training-step variant. kind: float | mixq | mixq_triton | mixq_inductor | torch_lsq |
+    brevitas. mode: eager | compiled. mixq runs mixq's default kernel settings; mixq_triton and
+    mixq_inductor turn the fused quantizer kernels on for CUDA too, with the hand-written Triton
+    kernels (mixq._triton) or the inductor-compiled ones (eager mode; compiled mode traces the
+    plain ops either way).
 
     float and torch_lsq: forward, cross-entropy (label smoothing 0.1), backward, SGD step. mixq: the
     real step of mixq.train.PhaseRunner: with `penalty`, SizeAccount + BudgetPenalty (weight budget
@@ -229,10 +232,11 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     """
     device = x.device.type
     model = build_model(model_name).to(x.device)
-    phase = PhaseConfig(name=kind, penalty=penalty and kind == "mixq", quantizers="learned")
+    phase = PhaseConfig(name=kind, penalty=penalty and kind.startswith("mixq"), quantizers="learned")
     note = ""
     account = pen = None
-    if kind == "mixq":
+    kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor"}.get(kind)
+    if kind.startswith("mixq"):
         mixq.prepare_(model, QuantConfig(), example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
@@ -251,13 +255,17 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     model.train()
     opt = make_optimizer(model, phase)
     fwd_model = torch.compile(model) if mode == "compiled" else model
-    qmods = [s.quant for s in quant_sites(model)] if kind == "mixq" else []
+    qmods = [s.quant for s in quant_sites(model)] if kind.startswith("mixq") else []
     runner = PhaseRunner(fwd_model, phase, 0, None, _Ramp(), None, penalty=pen, account=account)
     amp = precision
+    if kernels:
+        note += f"; fused kernels on CUDA: {kernels}"
 
     def step(xb, yb):
-        if kind == "mixq":
-            with _autocast(device, amp):
+        if kind.startswith("mixq"):
+            settings = (_kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels)
+                        if kernels else contextlib.nullcontext())
+            with settings, _autocast(device, amp):
                 # PhaseRunner._step: forward, loss (+ penalty), backward, clip, step, project
                 runner._step(xb, yb, opt, qmods, True, 0.5)
             return
@@ -351,19 +359,19 @@ def summarize(variants: list[Variant]) -> dict:
 
 
 def table(rows: list[dict], title: str) -> str:
-    head = (f"{'model':<11} {'dev':<4} {'mode':<8} {'prec':<5} {'variant':<10} {'median ms':>10} "
+    head = (f"{'model':<11} {'dev':<4} {'mode':<8} {'prec':<5} {'variant':<13} {'median ms':>10} "
             f"{'x float':>8} {'rep-ratio':>9} {'peak MiB':>9} {'x float':>8} {'1st steps s':>11}")
     lines = [title, head, "-" * len(head)]
     for r in rows:
         if r.get("missing"):
             lines.append(f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} "
-                         f"{r['variant']:<10} {r['missing']}")
+                         f"{r['variant']:<13} {r['missing']}")
             continue
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") else f"{'-':>9}"
         pr = f"{r['peak_ratio']:8.2f}" if r.get("peak_ratio") else f"{'-':>8}"
         first = f"{r['first_steps_s']:11.1f}" if r.get("first_steps_s") is not None else f"{'-':>11}"
         lines.append(
-            f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} {r['variant']:<10} "
+            f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} {r['variant']:<13} "
             f"{r['median_s'] * 1e3:10.1f} {r['ratio_of_medians']:8.2f} {r['median_of_rep_ratios']:9.2f} "
             f"{peak} {pr} {first}")
     return "\n".join(lines)

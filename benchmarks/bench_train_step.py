@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the groups that would end after this many seconds (quick: 780)")
+    p.add_argument("--compile-estimate-s", type=float, default=420.0,
+                   help="expected duration of a compiled group never run before (for --budget-s)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-brevitas", action="store_true")
     p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     rows, summary = [], {}
     # most important first, so that a time budget drops the least useful groups: ResNet-20 eager
     # fp32, compiled fp32, then the CNN and bf16
-    rank = {("eager", "fp32"): 0, ("compiled", "fp32"): 1, ("eager", "bf16"): 2, ("compiled", "bf16"): 3}
+    # (compiled bf16 after the CNN's eager and compiled fp32 groups: it compiles from a cold cache)
+    rank = {("eager", "fp32"): 0, ("compiled", "fp32"): 1, ("eager", "bf16"): 2, ("compiled", "bf16"): 4}
     groups = sorted(((d, m, p_, mo) for d in devices for m in a.models.split(",")
                      for p_ in a.precisions.split(",") for mo in a.modes.split(",")),
                     key=lambda g: (devices.index(g[0]),
@@ -89,13 +92,15 @@ def main(argv=None) -> int:
         x, y = batches[(model_name, device)]
         group = dict(model=model_name, device=device, mode=mode, precision=precision)
         kinds = ["float", "mixq", "torch_lsq"]
+        if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
+            kinds[2:2] = ["mixq_triton", "mixq_inductor"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
             kinds.append("brevitas")
         # a group is skipped when it would likely end past the budget: its estimate is the last
         # group of the same model and mode (a compiled group of a new precision, which compiles
-        # from a cold cache: 420 s)
-        estimate = durations.get((model_name, mode, precision), 420.0 if mode == "compiled" else
-                                 durations.get((model_name, mode), 120.0))
+        # from a cold cache: --compile-estimate-s)
+        first = a.compile_estimate_s if mode == "compiled" else durations.get((model_name, mode), 120.0)
+        estimate = durations.get((model_name, mode, precision), first)
         if time.perf_counter() - t_start + estimate > budget:
             rows += [{**group, "variant": k, "missing": "skipped: time budget"} for k in kinds]
             continue
@@ -106,8 +111,8 @@ def main(argv=None) -> int:
             if v is None:
                 rows.append({**group, "variant": k, "missing": f"{k}: not installed"})
             else:
-                if k == "brevitas" and a.quick:
-                    v.max_reps = 2
+                if k == "brevitas":  # 4x (CPU) to 45x (H100) slower than float: a few reps
+                    v.max_reps = 2 if a.quick else 5
                 variants.append(v)
         print(f"\n{model_name} {device} {mode} {precision}: "
               f"{', '.join(v.name for v in variants)}", flush=True)
@@ -131,9 +136,11 @@ def main(argv=None) -> int:
             summary[f"{key}_ratio_of_medians"] = round(result["mixq"]["ratio_of_medians"], 4)
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
-            if "torch_lsq" in result:
-                summary[f"{key}_torch_lsq_ratio"] = round(
-                    result["torch_lsq"]["median_of_rep_ratios"], 4)
+            for other in ("torch_lsq", "mixq_triton", "mixq_inductor"):
+                if other in result:
+                    summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
+                    if result[other]["peak_ratio"]:
+                        summary[f"{key}_{other}_peak_ratio"] = round(result[other]["peak_ratio"], 4)
         del variants
         gc.collect()
         torch._dynamo.reset()

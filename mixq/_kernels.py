@@ -51,19 +51,26 @@ _settings = {
     "min_numel": int(os.environ.get("MIXQ_FAST_MIN_NUMEL", 1 << 15)),
     "devices": ("cpu",),
     "pack_saved": os.environ.get("MIXQ_PACK_SAVED", "1") != "0",
+    "cuda_backend": os.environ.get("MIXQ_CUDA_BACKEND", "triton"),
 }
+CUDA_BACKENDS = ("triton", "inductor")
 _failed: list[str] = []  # the first compile error, once one happened
 _failed_keys: set = set()  # the kernel variants that failed: those run the plain ops
 _compiled: dict[tuple, tuple] = {}
 
 
 def set_fast_kernels(enabled: bool | None = None, min_numel: int | None = None,
-                     devices: tuple[str, ...] | None = None, pack_saved: bool | None = None) -> dict:
+                     devices: tuple[str, ...] | None = None, pack_saved: bool | None = None,
+                     cuda_backend: str | None = None) -> dict:
     """Change the fused-kernel settings; returns the previous ones (for restoring). `pack_saved`:
-    quantized layer inputs saved for backward as 8-bit codes (see `saved_code_hooks`)."""
+    quantized layer inputs saved for backward as 8-bit codes (see `saved_code_hooks`).
+    `cuda_backend`: on CUDA, the hand-written Triton kernels of `mixq._triton` ("triton", where
+    Triton is installed) or the inductor-compiled plain math ("inductor")."""
+    if cuda_backend is not None and cuda_backend not in CUDA_BACKENDS:
+        raise ValueError(f"cuda_backend {cuda_backend!r}: choose one of {', '.join(CUDA_BACKENDS)}")
     previous = dict(_settings)
     for key, value in (("enabled", enabled), ("min_numel", min_numel), ("devices", devices),
-                       ("pack_saved", pack_saved)):
+                       ("pack_saved", pack_saved), ("cuda_backend", cuda_backend)):
         if value is not None:
             _settings[key] = tuple(value) if key == "devices" else value
     return previous
@@ -71,9 +78,10 @@ def set_fast_kernels(enabled: bool | None = None, min_numel: int | None = None,
 
 @contextlib.contextmanager
 def fast_kernels(enabled: bool = True, min_numel: int | None = None,
-                 devices: tuple[str, ...] | None = None, pack_saved: bool | None = None):
+                 devices: tuple[str, ...] | None = None, pack_saved: bool | None = None,
+                 cuda_backend: str | None = None):
     """Temporarily turn the fused kernels on or off (tests, benchmarks)."""
-    previous = set_fast_kernels(enabled, min_numel, devices, pack_saved)
+    previous = set_fast_kernels(enabled, min_numel, devices, pack_saved, cuda_backend)
     try:
         yield
     finally:
@@ -200,6 +208,12 @@ def _applies(x: Tensor) -> bool:
             and x.device.type in _settings["devices"] and not torch.compiler.is_compiling())
 
 
+def _triton_interpret() -> bool:
+    """TRITON_INTERPRET=1 with "triton" listed in the devices: the Triton kernels run on CPU
+    tensors through Triton's interpreter (how they are tested without a GPU)."""
+    return "triton" in _settings["devices"] and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _kind(a: int, s: int) -> str:
     """The slice layout of an (a, s, b) view: one slice, slices leading (weights), or in between."""
     return "tensor" if s == 1 else "out" if a == 1 else "in"
@@ -219,6 +233,13 @@ def uniform_kernel(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool, modifie
     # within a key only the sizes change, which dynamic shapes cover
     kind = _kind(a, s)
     key = (bool(signed), modifier, float(delta), kind, x.dtype, scale.dtype, x.device.type)
+    if (x.device.type == "cuda" or _triton_interpret()) and _settings["cuda_backend"] == "triton" \
+            and x.dtype != torch.float64:
+        from . import _triton
+
+        tkey = (*key, "triton")
+        if _triton.available() and tkey not in _failed_keys and _triton.TritonUniformKernel.fits((a, s, b)):
+            return _triton.TritonUniformKernel(tkey, (a, s, b), perm, signed, modifier, delta)
     if key in _failed_keys:
         return None
     if key not in _compiled:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device session on a CUDA machine (the project's H100 lease): everything this project checks
+# and measures on a GPU, in one call, each part under its own time limit so that a slow part never
+# takes the later ones' results with it.
+#   bash benchmarks/gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]
+# 1. CUDA tests: Triton and inductor quantizer kernels against the plain ops, fullgraph compile,
+#    the device data loader (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
+# 2. bench_train_step.py on CUDA: float vs mixq (default, Triton kernels, inductor kernels) vs
+#    PyTorch's learnable fake-quant ops vs Brevitas (installed from WHEELS when given).
+# 3. NUUQ on CIFAR-10 / ResNet-20 (recipes/cifar10_resnet20_nuuq.toml): k = 4 and 3 levels at
+#    b = 8, and the uniform 4-level and ternary grids from the same float model.
+# Results land in OUT: env.txt, tests.log, kernels.log, train_step_cuda.{json,md}, bench.log,
+# cifar.log, cifar_nuuq.tgz. QUICK=1 makes part 3 a --quick smoke run (for trying the script on a CPU).
+set -u
+OUT=${1:?usage: gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]}
+DATA=${2:-.data/cifar10-jpeg.tar.gz}
+WHEELS=${3:-.whl}
+T_TESTS=${T_TESTS:-75} T_KERNELS=${T_KERNELS:-30} T_BENCH=${T_BENCH:-195} T_CIFAR=${T_CIFAR:-280}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{ date -u; nvidia-smi; lscpu | head -20
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
+tail -1 "$OUT/env.txt"
+
+echo "== 1. CUDA tests"
+timeout -k 5 "$T_TESTS" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+  tests/test_data.py -k cuda 2>&1 | tee "$OUT/tests.log" | tail -15
+
+echo "== 2. one quantizer call: plain ops, inductor kernels, Triton kernels"
+timeout -k 5 "$T_KERNELS" python3 benchmarks/bench_kernels.py --device cuda --out kernels_cuda \
+  >"$OUT/kernels.log" 2>&1
+tail -12 "$OUT/kernels.log"
+
+echo "== 2b. training step"
+timeout -k 5 "$T_BENCH" python3 benchmarks/bench_train_step.py --device cuda --reps 30 --warmup 5 \
+  --budget-s $((T_BENCH - 25)) --compile-estimate-s 100 --out train_step_cuda --json >"$OUT/bench.log" 2>&1
+grep -E "^(model|resnet20|fmnist_cnn) " "$OUT/bench.log" | tail -40; tail -1 "$OUT/bench.log"
+cp benchmarks/results/train_step_cuda.* benchmarks/results/kernels_cuda.* "$OUT/" 2>/dev/null
+
+echo "== 3. NUUQ on CIFAR-10"
+start=$(date +%s)
+timeout -k 5 "$T_CIFAR" bash -c "
+  python3 -m mixq sweep --recipe cifar10_resnet20_nuuq --grid flexible.k=4,3 --data '$DATA' \
+    --out /tmp/nuuq_swp --no-progress ${QUICK:+--quick} &&
+  python3 -m mixq sweep --recipe cifar10_resnet20_nuuq --grid flexible.k=4,3 \
+    --set flexible.grid_bits=2 --set flexible.level_init=uniform --set flexible.report_mse=false \
+    --set flexible.float_checkpoint=\$(ls /tmp/nuuq_swp/float-*/ckpt/float.pt) --data '$DATA' \
+    --out /tmp/uni_swp --no-progress ${QUICK:+--quick}" >"$OUT/cifar.log" 2>&1
+echo "cifar part: exit $? after $(( $(date +%s) - start )) s"
+tail -5 "$OUT/cifar.log"
+cat /tmp/nuuq_swp/sweep.md /tmp/uni_swp/sweep.md 2>/dev/null
+tar czf "$OUT/cifar_nuuq.tgz" --exclude='last.pt' --exclude='best_*.pt' --exclude='*.mixq' \
+  -C /tmp nuuq_swp uni_swp 2>/dev/null
+ls -la "$OUT"

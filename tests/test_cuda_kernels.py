@@ -1,0 +1,156 @@
+"""The fused quantizer kernels on CUDA give what the plain ATen ops give.
+
+The hand-written Triton kernels (mixq._triton): x_hat and the 8-bit codes bit for bit, dL/dx to
+float32 rounding (the compiler may contract multiply-adds), the per-slice dL/dscale and dL/dqmax to
+the rounding of a sum; a whole quantized CNN's loss exactly and its gradients to rounding. Run on a
+CUDA device when there is one, and through Triton's interpreter on CPU tensors (a subprocess with
+TRITON_INTERPRET=1) where Triton is installed; skipped where it is not (the CPU wheel of PyTorch does
+not bring it). On CUDA also: the inductor-compiled kernels (the other CUDA backend), and a prepared
+model's forward and backward under torch.compile(fullgraph=True) with inductor against eager.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mixq
+import mixq.functional as F
+from mixq import QuantConfig, _kernels, models
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_speed_paths import _bits, _case, _sum_bound  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+F32 = torch.float32
+# every layout kind, both signs, each modifier the kernel has
+CASES = [("tensor0d", False, "atanh", F32), ("tensor4d", True, "ewgs", F32),
+         ("tensor2d", False, "ste", F32), ("weight4d", True, "ewgs", F32), ("weight2d", False, "psgd", F32),
+         ("act_channel", True, "atanh", F32), ("act_channel", False, "ewgs", torch.bfloat16)]
+
+
+def _run(x, scale, qmax, g, signed, modifier, delta, backend, devices):
+    xt, st, qt = (t.clone().requires_grad_() for t in (x, scale, qmax))
+    with _kernels.fast_kernels(backend is not None, min_numel=0, devices=devices,
+                               cuda_backend=backend or "triton"):
+        kernel = _kernels.uniform_kernel(xt, st, qt, signed, modifier, delta)
+        assert (kernel is not None) == (backend is not None)
+        assert (type(kernel).__name__ == "TritonUniformKernel") == (backend == "triton")
+        y = F.fake_quant_uniform(xt, st, qt, signed, modifier, delta)
+        y.backward(g)
+        codes = kernel.forward_codes(xt.detach(), st.detach(), qt.detach())[1] if kernel else None
+    return y.detach(), xt.grad, st.grad, qt.grad, codes
+
+
+def check_all(device: str, devices: tuple[str, ...], backend: str = "triton") -> None:
+    for layout, signed, modifier, dtype in CASES:
+        x, scale, qmax, g = _case(layout, signed, torch.float32, seed=7)
+        x, g = x.to(dtype).to(device), g.to(dtype).to(device)
+        scale, qmax = scale.to(device), qmax.to(device)
+        delta = 0.3 if modifier == "psgd" else 5e-3 if modifier != "ste" else 0.0
+        fast = _run(x, scale, qmax, g, signed, modifier, delta, backend, devices)
+        plain = _run(x, scale, qmax, g, signed, modifier, delta, None, devices)
+        where = f"{layout} signed={signed} {modifier} {dtype}"
+        assert fast[0].dtype == plain[0].dtype and fast[0].shape == plain[0].shape, where
+        if dtype == torch.float32 or device == "cuda":
+            assert torch.equal(_bits(fast[0].float()), _bits(plain[0].float())), f"x_hat differs: {where}"
+        else:  # Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even)
+            ulp = torch.finfo(dtype).eps * plain[0].float().abs()
+            assert ((fast[0].float() - plain[0].float()).abs() <= ulp).all(), f"x_hat differs: {where}"
+            continue
+        step = torch.broadcast_to(scale, x.shape)
+        want_codes = torch.round(plain[0].float() / step)
+        got_codes = fast[4].reshape(x.shape)  # x is contiguous: its (A, S, B) view keeps the order
+        assert torch.equal(got_codes.float(), want_codes), f"codes differ: {where}"
+        torch.testing.assert_close(fast[1].float(), plain[1].float(), rtol=2e-6, atol=1e-7, msg=where)
+        _, t_s, t_q = F._uniform_grad_terms(x, g, scale, qmax, signed, modifier, delta)
+        for got, want, terms in ((fast[2], plain[2], t_s), (fast[3], plain[3], t_q)):
+            assert got.shape == want.shape == scale.shape, where
+            bound = _sum_bound(terms, scale.shape) + 1e-6 * terms.abs().sum_to_size(scale.shape)
+            assert ((got - want).abs() <= bound).all(), f"slice sums differ: {where}"
+
+
+def check_model_step(device: str, devices: tuple[str, ...]) -> None:
+    """A prepared CNN's loss and every gradient, Triton kernels against the plain ops: the kernels
+    inside the quantized layers (8-bit codes saved for backward, BatchNorm, residual-free CNN)."""
+    torch.manual_seed(0)
+    model = models.create_model("fmnist_cnn", in_channels=1).to(device)
+    x = torch.randn(8, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    mixq.prepare_(model, QuantConfig(), example_input=x[:2])
+    mixq.calibrate_(model, [x])
+    results = []
+    for backend in ("triton", None):
+        model.zero_grad(set_to_none=True)
+        with _kernels.fast_kernels(backend is not None, min_numel=0, devices=devices,
+                                   cuda_backend=backend or "triton"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    (loss_t, grads_t), (loss_p, grads_p) = results
+    assert torch.equal(loss_t, loss_p)  # the forward is exact
+    assert grads_t.keys() == grads_p.keys() and len(grads_t) > 10
+    for name in grads_p:
+        torch.testing.assert_close(grads_t[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU wheel of PyTorch)")
+def test_triton_kernels_match_plain_ops_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "all cases agree" in done.stdout
+
+
+CUDA = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+
+
+@CUDA
+def test_triton_kernels_match_plain_ops_cuda():
+    check_all("cuda", ("cpu", "cuda"))
+    check_model_step("cuda", ("cpu", "cuda"))
+
+
+@CUDA
+def test_inductor_kernels_match_plain_ops_cuda():
+    check_all("cuda", ("cpu", "cuda"), backend="inductor")
+
+
+@CUDA
+def test_prepared_model_compiles_fullgraph_cuda():
+    """Forward + backward of a prepared CNN in one inductor graph on CUDA (no graph break, no host
+    sync), equal to eager up to the compiler's float rounding."""
+    torch.manual_seed(0)
+    model = models.create_model("fmnist_cnn", in_channels=1).cuda()
+    x = torch.randn(16, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    mixq.prepare_(model, QuantConfig(), example_input=x[:2])
+    mixq.calibrate_(model, [x])
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(fn(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = grads(model)
+    try:
+        got = grads(torch.compile(model, fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert len(got[1]) == len(want[1]) > 10
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+if __name__ == "__main__":  # the interpreter run: CPU tensors through Triton's interpreter
+    check_all("cpu", ("cpu", "triton"))
+    check_model_step("cpu", ("cpu", "triton"))
+    print("all cases agree")
