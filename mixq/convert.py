@@ -94,10 +94,11 @@ def prepare_(model: nn.Module, config: QuantConfig | None = None,
         levels = next((r.levels for r in reversed(rules) if r.levels), None)
         if levels is not None:  # a flexible (NUUQ) quantizer's level count k for this layer
             wcfg = wcfg.replace(levels=levels)
-        w_quant = make_quantizer(wcfg, layer.weight.shape[0], 0, where=fqn)
+        device = layer.weight.device  # quantizers live where the layer lives (a model on CUDA)
+        w_quant = make_quantizer(wcfg, layer.weight.shape[0], 0, where=fqn).to(device)
         w_quant.numel.fill_(layer.weight.numel() / w_quant.slices)
         in_channels = layer.weight.shape[1] * getattr(layer, "groups", 1)
-        in_quant = make_quantizer(acfg, in_channels, 1, where=fqn) if acfg else None
+        in_quant = make_quantizer(acfg, in_channels, 1, where=fqn).to(device) if acfg else None
         qlayer = FLOAT_LAYERS[type(layer)].from_float(layer, w_quant, in_quant,
                                                       bias_bits=config.bias_bits)
         w_quant.calibrate_(w_quant.slice_rows(layer.weight.detach()))
@@ -117,13 +118,15 @@ def _replace_relus(model: nn.Module, config: QuantConfig) -> None:
         raise ValueError("act_site 'relu' quantizes per tensor (a ReLU module has no channel "
                          f"count); got granularity {acfg.granularity!r}: use act_site 'input'")
     relus = [(f, m) for f, m in model.named_modules() if type(m) in (nn.ReLU, nn.ReLU6)]
+    device = next(model.parameters()).device
     for fqn, relu in relus:
         rules = _matching_rules(fqn, config.rules, None, None)
         if any(r.skip for r in rules):
             continue
         abits = next((r.act_bits for r in reversed(rules) if r.act_bits), None)
         cap = 6.0 if isinstance(relu, nn.ReLU6) else None
-        _set_module(model, fqn, ActQuant(make_quantizer(_fixed(acfg, abits), where=fqn), cap))
+        quant = make_quantizer(_fixed(acfg, abits), where=fqn).to(device)
+        _set_module(model, fqn, ActQuant(quant, cap))
 
 
 @torch.no_grad()
