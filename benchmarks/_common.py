@@ -102,13 +102,14 @@ class _TorchLSQ:
         w = self.weight.detach()
         c = w.shape[0]
         self.w_min, self.w_max = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
+        dev = w.device
         s = w.reshape(c, -1).abs().amax(1).clamp(min=1e-4) / self.w_max
         self.w_scale = nn.Parameter(s.float())
-        self.register_buffer("w_zp", torch.zeros(c))
+        self.register_buffer("w_zp", torch.zeros(c, device=dev))
         self.a_min, self.a_max = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if signed_input else (
             0, 2**a_bits - 1)
-        self.a_scale = nn.Parameter(torch.tensor([4.0 / self.a_max]))
-        self.register_buffer("a_zp", torch.zeros(1))
+        self.a_scale = nn.Parameter(torch.tensor([4.0 / self.a_max], device=dev))
+        self.register_buffer("a_zp", torch.zeros(1, device=dev))
         self.w_factor = 1.0 / math.sqrt(w[0].numel() * self.w_max)
         self.a_factor = 1.0 / math.sqrt(self.a_max)
 
