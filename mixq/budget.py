@@ -78,12 +78,16 @@ class BudgetPenalty(nn.Module):
         # c_k of the current call, kept apart from log_factor: under torch.compile the backward may
         # recompute exp(log_factor) from the buffer after the controller has updated it in place
         self.register_buffer("_factor", torch.ones(n), persistent=False)
+        # the targets and constants as device tensors made once: a tensor built from Python numbers
+        # in every step is a host-to-device copy, which synchronizes a CUDA stream
+        self.register_buffer("_goal", torch.tensor([self.targets[k] / self.unit for k in self.keys]),
+                             persistent=False)
+        self.register_buffer("_lam", torch.tensor(self.lambdas), persistent=False)
 
     def forward(self, sizes_bits: dict[str, Tensor], strength: float = 1.0) -> Tensor:
         """The penalty (a 0-d tensor); with the PI controller, also one controller update."""
         sizes = torch.stack([sizes_bits[f"{k}_bits"] for k in self.keys]) / (8 * self.unit)
-        goal = torch.tensor([self.targets[k] / self.unit for k in self.keys], device=sizes.device)
-        lam = torch.tensor(self.lambdas, device=sizes.device)
+        goal, lam = self._goal, self._lam
         factor = self._factor.copy_(torch.exp(self.log_factor)).clone()
         penalty = strength * (factor * lam * torch.relu(sizes - goal * (1 - self.margin)) ** 2).sum()
         if self.controller == "pi" and self.training:

@@ -147,13 +147,19 @@ class _UniformFakeQuant(torch.autograd.Function):
         if x_hat is None:
             x_hat = _uniform_forward(x, scale, qmax, signed)
         ctx.kernel = kernel
-        ctx.save_for_backward(x, scale, qmax, grad_scale)
+        if isinstance(grad_scale, Tensor):
+            ctx.save_for_backward(x, scale, qmax, grad_scale)
+            ctx.grad_scale = None
+        else:  # a Python number stays one: no tensor built per call (a host-to-device copy on CUDA)
+            ctx.save_for_backward(x, scale, qmax)
+            ctx.grad_scale = float(grad_scale)
         ctx.signed, ctx.modifier, ctx.delta = signed, modifier, delta
         return x_hat
 
     @staticmethod
     def backward(ctx, g):
-        x, scale, qmax, grad_scale = ctx.saved_tensors
+        x, scale, qmax, *saved_scale = ctx.saved_tensors
+        grad_scale = saved_scale[0] if saved_scale else ctx.grad_scale
         need_x, need_s, need_q = ctx.needs_input_grad[:3]
         grads = None
         if ctx.kernel is not None:
@@ -174,8 +180,10 @@ class _UniformFakeQuant(torch.autograd.Function):
             zero = torch.zeros((), dtype=dtype, device=x.device)
             grad_x = torch.where((xf >= lo) & (xf <= q), gf * m, zero).to(x.dtype)
             g_s = g_q = None
-        grad_s = (g_s * grad_scale).to(scale.dtype) if need_s else None
-        grad_q = (g_q * grad_scale).to(qmax.dtype) if need_q else None
+        if not isinstance(grad_scale, Tensor) and grad_scale == 1.0:
+            grad_scale = None  # multiplying by one changes no bit: skip the kernel
+        grad_s = (g_s if grad_scale is None else g_s * grad_scale).to(scale.dtype) if need_s else None
+        grad_q = (g_q if grad_scale is None else g_q * grad_scale).to(qmax.dtype) if need_q else None
         return grad_x if need_x else None, grad_s, grad_q, None, None, None, None
 
 
@@ -194,8 +202,6 @@ def fake_quant_uniform(
     U2 call this with qmax = levels * scale or scale = qmax / levels, and autograd chains through
     those relations, which reproduces their gradients in methods.md 1.1.1 exactly.
     """
-    if not isinstance(grad_scale, Tensor):
-        grad_scale = torch.tensor(float(grad_scale), device=scale.device, dtype=scale.dtype)
     return _UniformFakeQuant.apply(x, scale, qmax, signed, modifier, delta, grad_scale)
 
 

@@ -135,7 +135,7 @@ class SizeAccount:
         else:
             act_sum = act_max = torch.zeros((), device=device)
         return {"weight_bits": weight, "act_sum_bits": act_sum, "act_max_bits": act_max,
-                "bn16_bits": torch.tensor(float(self.bn16_bits), device=device)}
+                "bn16_bits": torch.full((), float(self.bn16_bits), device=device)}  # a fill, no copy
 
 
 def format_bytes(num_bytes: float, unit: str = "KiB") -> str:

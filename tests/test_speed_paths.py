@@ -362,3 +362,53 @@ def test_saved_codes_give_the_same_gradients(monkeypatch, dtype, act_modifier):
     plain = grads(False)
     for a, b in zip(with_codes, plain, strict=True):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ no host round trip in a step
+HOST_OPS = {"_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "is_nonzero", "item"}
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_reads_nothing_back_to_the_host():
+    """One real training step of mixq.train (forward, loss + size penalty, backward, clipping, SGD,
+    projection) calls no op that moves a value between host and device: no .item() / float() /
+    bool() of a tensor (aten._local_scalar_dense: a CUDA sync) and no tensor built from Python
+    numbers (aten.lift_fresh: a host-to-device copy, which also waits for the stream). Checked on
+    the CPU through the dispatcher, so it holds for the CUDA step too. The plain ops: the fused
+    kernels are fullgraph-compiled functions, in which such an op cannot occur (and dynamo does not
+    run under a dispatch mode)."""
+    from mixq.recipe import PhaseConfig
+    from mixq.train import PhaseRunner, make_optimizer
+
+    model, x = _prepared_model()
+    y = torch.randint(0, 10, (x.shape[0],))
+    account = SizeAccount(model)
+    with torch.no_grad():
+        wbytes = float(account()["weight_bits"]) / 8
+    penalty = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes, act_sum_bytes=1.0))
+    phase = PhaseConfig(name="qat", penalty=True, quantizers="learned")
+    opt = make_optimizer(model, phase)
+    qmods = account.weights + account.acts
+
+    class Hooks:
+        @staticmethod
+        def ramp(progress):
+            return 1.0
+
+    runner = PhaseRunner(model, phase, 0, None, Hooks(), None, penalty=penalty, account=account)
+    with _kernels.fast_kernels(False):
+        runner._step(x, y, opt, qmods, True, 0.5)  # first step: builds the caches
+        log = _OpLog()
+        with log:
+            runner._step(x, y, opt, qmods, True, 0.5)
+    assert len(log.names) > 50  # the mode saw the step
+    assert not HOST_OPS & set(log.names), sorted(HOST_OPS & set(log.names))
