@@ -85,7 +85,8 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info.get('cpu_model', '?')} ({info.get('cpus', '?')} CPUs), torch {info['torch']}, "
+    gpu = f"{info['cuda_device']} with " if info.get("cuda_device") else ""
+    return (f"{gpu}{info.get('cpu_model', '?')} ({info.get('cpus', '?')} CPUs), torch {info['torch']}, "
             f"{info['threads']} threads, load average at start {info.get('loadavg_start')}, "
             f"commit {info['git_commit'][:12]}"
             f"{' + uncommitted mixq/ changes' if 'uncommitted' in info['git_commit'] else ''}, "

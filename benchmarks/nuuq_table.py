@@ -5,10 +5,11 @@ within 0.6 points, uniform 2-bit weights far worse) hold in our harness? Collect
     python benchmarks/nuuq_table.py SWEEP_DIR [SWEEP_DIR ...] [--ablation LABEL=SWEEP_DIR ...]
         [--wall-seconds S] [--commands FILE] [--notes FILE]
     python benchmarks/nuuq_table.py --protocol LABEL=SWEEP_DIR[,SWEEP_DIR] [--protocol ...] --stem NAME
-        --about FILE [--commands FILE]
+        --about FILE [--commands FILE] [--dataset NAME]
 
 The second form writes the protocols' table (e.g. PTQ + fine-tuning + QAT from a given float model)
-to results/NAME.md and .json, with the paragraph in FILE saying what the protocols are.
+to results/NAME.md and .json, with the paragraph in FILE saying what the protocols are (any data
+set: `--dataset "CIFAR-10"` names it in the title).
 
 The sweeps themselves (sequential, one thread: see the .md file for the exact commands) are what
 costs time; this script only reads their results and the machine description.
@@ -116,7 +117,7 @@ def protocol_report(args) -> None:
         protocols.append((label, load_rows(folders.split(","))))
     rows = [r for _, rs in protocols for r in rs]
     info = machine_info()
-    parts = [f"# NUUQ on Fashion-MNIST: {'; '.join(label for label, _ in protocols)}", "",
+    parts = [f"# NUUQ on {args.dataset}: {'; '.join(label for label, _ in protocols)}", "",
              f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used one thread), "
              f"torch {info['torch']}, Python {info['python']}, {info['date']}. Git commit "
              f"{info.get('git_commit', '?')}. Seed {', '.join(sorted({str(r['seed']) for r in rows}))}; "
@@ -138,6 +139,7 @@ def main() -> None:
                    help="a protocol's runs (repeatable): writes only the protocols' table")
     p.add_argument("--stem", default=None, help="results file stem for --protocol")
     p.add_argument("--about", default=None, help="Markdown paragraph describing --protocol's runs")
+    p.add_argument("--dataset", default="Fashion-MNIST", help="data set named in --protocol's title")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
                    help="a sweep of another protocol, shown in its own table")
     p.add_argument("--wall-seconds", type=float, default=None, help="total wall time of the sweeps")

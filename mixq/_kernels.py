@@ -14,12 +14,19 @@ taken inside the kernel, in a different summation order than ATen's `sum`, so th
 (a few ulps), not bitwise.
 
 Used only in eager mode (under torch.compile the plain ops are traced and fused by the outer
-compiler), on the devices in `devices` (CPU by default: the CUDA path would run inductor's Triton
-kernels, which no test here has measured), for tensors of at least `min_numel` elements (below that
+compiler), on the devices in `devices`, for tensors of at least `min_numel` elements (below that
 the launch overhead and a first compile are not worth it), and for the modifiers whose ops compile
 bit-identically (ste, ewgs, atanh, psgd; tanh and acos use tanh/sin, which inductor implements
 differently, so they stay on the plain path). If compiling fails (no C++ compiler, an unsupported
 platform) a warning is given once and that variant uses the plain path from then on.
+
+On CUDA (`devices` must list "cuda"; the default lists only "cpu") `cuda_backend` picks the
+hand-written Triton kernels of `mixq._triton` ("triton": x_hat and codes bit for bit, checked on an
+H200) or this module's inductor-compiled functions ("inductor": inductor's CUDA division is not
+correctly rounded, so codes can differ at exact rounding ties). Measured on an H200 for one call
+(`benchmarks/results/kernels_cuda_h200.md`): Triton 0.73x to 0.90x the plain ops' time, inductor
+1.10x to 1.20x; in a whole eager ResNet-20 step neither beat the plain ops then, because every call
+also synchronized the stream (fixed since, not yet re-timed), so CUDA stays off by default.
 
 A quantized layer also asks the forward kernel for the 8-bit codes of x_hat (same pass) and saves
 those for its backward instead of x_hat (see `saved_code_hooks`): a quarter of the memory, rebuilt

@@ -39,7 +39,7 @@ from .levels import (
     quantizable_layers,
 )
 from .recipe import PhaseConfig
-from .train import PhaseProgress, PhaseRunner, StopFlag, evaluate
+from .train import NonFiniteLoss, PhaseProgress, PhaseRunner, StopFlag, evaluate
 
 # ---------------------------------------------------------------------------------------------
 # quantizing a model
@@ -151,7 +151,9 @@ def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOpt
                    stop: StopFlag | None = None) -> list[dict]:
     """Layer-sequential PTQ (nuuq.md 2.3), input to output: quantize layer l (calibrated from its
     current weights), measure, fine-tune `finetune_epochs` (the later layers' weights and all
-    biases), measure again. Returns one row per layer with the validation accuracies."""
+    biases), measure again. Fine-tuning that lowered the validation accuracy (or diverged) is undone
+    and the row says `reverted`: a learning rate too high for the network (a BN-folded ResNet-20 at
+    0.01) must not cost more than quantizing without fine-tuning. Returns one row per layer."""
     hooks = hooks or _Hooks(lambda: evaluate(model, val_loader))
     layers = [(s.fqn, s.layer) for s in quant_sites(model) if isinstance(s.quant, FlexibleQuantizer)]
     for _, layer in layers:
@@ -165,6 +167,7 @@ def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOpt
         row = {"layer": fqn, "k": q.k, "grid_bits": q.b, "val_acc_before_ft": hooks.evaluate()["acc"]}
         if opts.finetune_epochs > 0:
             frozen = [m.weight for _, m in layers[:i + 1]]
+            before = copy.deepcopy(model.state_dict())
             for p in frozen:
                 p.requires_grad_(False)
             phase = PhaseConfig(name=f"ft {fqn}", epochs=opts.finetune_epochs, lr=opts.finetune_lr,
@@ -172,10 +175,21 @@ def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOpt
                                 quantizers="learned" if opts.finetune_levels else "frozen")
             try:
                 run_phase(model, phase, 100 + i, train_loader, hooks, stop, opts.learn_act_ranges)
+                after = hooks.last["acc"]  # the fine-tuning phase ends with an evaluation
+            except NonFiniteLoss:  # diverged: undone like any fine-tuning that hurt
+                after = float("nan")
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
-            row["val_acc_after_ft"] = hooks.last["acc"]  # the fine-tuning phase ends with an evaluation
+            row["val_acc_after_ft"] = after
+            row["reverted"] = not after >= row["val_acc_before_ft"]
+            if row["reverted"]:
+                model.load_state_dict(before)
+                hooks.log({"phase": phase.name, "event": "reverted", **row})
+                if hooks.show is not None:
+                    hooks.show.message(f"{phase.name}: validation accuracy fell from "
+                                       f"{row['val_acc_before_ft']:.4f} to {row['val_acc_after_ft']:.4f}; "
+                                       "fine-tuning undone (lower flexible.finetune_lr?)")
         rows.append(row)
     return rows
 

@@ -415,6 +415,28 @@ def test_end_to_end_ptq_with_fine_tuning_on_real_data():
     assert rep["stored_bits_base_k"] == 1.6 and {r["fqn"] for r in rep["layers"]} == {"0", "4", "8", "12"}
 
 
+def test_fine_tuning_that_hurts_is_undone():
+    """A learning rate far too high wrecks every layer's fine-tuning: each is undone, and the model
+    ends exactly where quantization without fine-tuning left it."""
+    from mixq.nuuq import _Hooks
+    from mixq.recipe import PhaseConfig
+    from mixq.train import PhaseProgress, PhaseRunner, StopFlag
+
+    train, test = fixture_loaders()
+    model = small_cnn()
+    phase = PhaseConfig(epochs=3, lr=0.1, schedule="onecycle", label_smoothing=0.0)
+    hooks = _Hooks(lambda: evaluate(model, test))
+    PhaseRunner(model, phase, 0, train, hooks, StopFlag()).run(PhaseProgress())
+    quantize(model, train, levels=3, bits=4)
+    opts = FlexibleOptions(k=3, grid_bits=4, finetune_epochs=0.2, finetune_lr=1e3)
+    no_ft = evaluate(model, test)
+    rows = ptq_sequential(model, train, test, opts)
+    assert len(rows) == 4
+    assert all(r["reverted"] and not r["val_acc_after_ft"] >= r["val_acc_before_ft"] for r in rows)
+    final = evaluate(model, test)  # the same weights and quantizers: the same predictions
+    assert final["acc"] == no_ft["acc"] and torch.equal(final["predictions"], no_ft["predictions"])
+
+
 def test_qat_learns_levels_and_thresholds_and_keeps_them_valid():
     from mixq.nuuq import _Hooks, run_phase
     from mixq.recipe import PhaseConfig
