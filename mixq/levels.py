@@ -40,6 +40,8 @@ class FlexibleOptions:
         their calibrated ranges; a learned power-of-two step can halve and shrink the range).
     ptq: layer-sequential PTQ with `finetune_epochs` of fine-tuning after each layer (0: none);
         false: all layers at once, then the recipe's phases (QAT). finetune_lr: its learning rate.
+    finetune_max_drop: a layer's fine-tuning that lowers the validation accuracy by more than this
+        (a fraction: 0.01 = one point) or diverges is undone; 1.0 keeps every fine-tuning.
     float_checkpoint: a float model state (e.g. RUN/ckpt/float.pt) used instead of pretraining.
     sensitivity_batches: training batches of the Fisher sensitivity (allocation "budget").
     report_mse: record the weight MSE of DP, k-means then snap, and unconstrained k-means.
@@ -60,6 +62,7 @@ class FlexibleOptions:
     ptq: bool = True
     finetune_epochs: float = 0.25
     finetune_lr: float = 0.01
+    finetune_max_drop: float = 0.01
     finetune_levels: bool = False
     float_checkpoint: str | None = None
     sensitivity_batches: int = 8
@@ -78,6 +81,9 @@ class FlexibleOptions:
                              f"got {self.k!r}")
         if self.k_max < 2 or self.finetune_epochs < 0 or self.finetune_lr < 0:
             raise ValueError("flexible: k_max must be >= 2, finetune_epochs and finetune_lr >= 0")
+        if not 0.0 <= self.finetune_max_drop <= 1.0:
+            raise ValueError(f"flexible.finetune_max_drop must be a fraction in [0, 1] (0.01 = one point "
+                             f"of accuracy), got {self.finetune_max_drop!r}")
         if self.act_bits is not None and not 1 <= self.act_bits <= 16:
             raise ValueError(f"flexible.act_bits must lie in 1..16, got {self.act_bits}")
         if (self.allocation == "budget") != (self.weight_budget is not None):

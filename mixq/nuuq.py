@@ -151,9 +151,11 @@ def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOpt
                    stop: StopFlag | None = None) -> list[dict]:
     """Layer-sequential PTQ (nuuq.md 2.3), input to output: quantize layer l (calibrated from its
     current weights), measure, fine-tune `finetune_epochs` (the later layers' weights and all
-    biases), measure again. Fine-tuning that lowered the validation accuracy (or diverged) is undone
-    and the row says `reverted`: a learning rate too high for the network (a BN-folded ResNet-20 at
-    0.01) must not cost more than quantizing without fine-tuning. Returns one row per layer."""
+    biases), measure again. Fine-tuning that lowered the validation accuracy by more than
+    `opts.finetune_max_drop` (or diverged) is undone and the row says `reverted`: a learning rate too
+    high for the network (a BN-folded ResNet-20 at 0.01) must not cost more than quantizing without
+    fine-tuning, while the noise of a small validation set does not undo useful steps (the later
+    layers' weights move too). Returns one row per layer."""
     hooks = hooks or _Hooks(lambda: evaluate(model, val_loader))
     layers = [(s.fqn, s.layer) for s in quant_sites(model) if isinstance(s.quant, FlexibleQuantizer)]
     for _, layer in layers:
@@ -182,7 +184,7 @@ def ptq_sequential(model: nn.Module, train_loader, val_loader, opts: FlexibleOpt
                 for p in frozen:
                     p.requires_grad_(True)
             row["val_acc_after_ft"] = after
-            row["reverted"] = not after >= row["val_acc_before_ft"]
+            row["reverted"] = not after >= row["val_acc_before_ft"] - opts.finetune_max_drop
             if row["reverted"]:
                 model.load_state_dict(before)
                 hooks.log({"phase": phase.name, "event": "reverted", **row})

@@ -307,6 +307,8 @@ def test_config_validation():
         flexible_options({"k": 20, "grid_bits": 4})
     with pytest.raises(ValueError, match="weight_budget"):
         flexible_options({"allocation": "budget"})
+    with pytest.raises(ValueError, match=r"finetune_max_drop must be a fraction in \[0, 1\].*got 5"):
+        flexible_options({"finetune_max_drop": 5})
 
 
 SIZES = {"a": 144, "b": 2304, "c": 6912, "d": 27648, "e": 73728, "f": 147456, "g": 1280}
@@ -432,7 +434,8 @@ def test_fine_tuning_that_hurts_is_undone():
     no_ft = evaluate(model, test)
     rows = ptq_sequential(model, train, test, opts)
     assert len(rows) == 4
-    assert all(r["reverted"] and not r["val_acc_after_ft"] >= r["val_acc_before_ft"] for r in rows)
+    assert all(r["reverted"] and not r["val_acc_after_ft"] >= r["val_acc_before_ft"] - opts.finetune_max_drop
+               for r in rows)
     final = evaluate(model, test)  # the same weights and quantizers: the same predictions
     assert final["acc"] == no_ft["acc"] and torch.equal(final["predictions"], no_ft["predictions"])
 
