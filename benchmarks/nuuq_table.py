@@ -83,12 +83,16 @@ def seed_table(rows: list[dict]) -> str:
 
 
 def ablation_table(ablations: list[tuple[str, list[dict]]]) -> str:
-    lines = ["| protocol | b | k | no FT % | after PTQ + FT % | after QAT % | final - float | run min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | b | k | equivalent bits | stored bits: packed (ceil / base-k) | no FT % | "
+             "after PTQ + FT % | after QAT % | final - float | run min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in ablations:
         for r in sorted(rows, key=lambda r: -r["k"]):
-            lines.append(f"| {label} | {r['grid_bits']} | {r['k']} | {pct(r['acc_no_ft'])} | "
-                         f"{pct(r['acc_ft'])} | {pct(r['acc_qat'])} | "
+            stored = (f"{r['stored_bits']:.2f} ({r['stored_bits_ceil']:.0f} / {r['stored_bits_base_k']:.2f})"
+                      if r.get("stored_bits") is not None else "-")
+            equiv = f"{r['equivalent_bits']:.2f}" if r.get("equivalent_bits") is not None else "-"
+            lines.append(f"| {label} | {r['grid_bits']} | {r['k']} | {equiv} | {stored} | "
+                         f"{pct(r['acc_no_ft'])} | {pct(r['acc_ft'])} | {pct(r['acc_qat'])} | "
                          f"{delta(r['quant_acc'], r['float_acc'])} | {(r.get('seconds') or 0) / 60:.0f} |")
     return "\n".join(lines)
 
@@ -109,6 +113,31 @@ def mse_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_protocols(protocols, path, dataset: str) -> None:
+    """Final test accuracy against stored bits per weight, one series per protocol, float as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in protocols:
+        rows = sorted(rows, key=lambda r: r["stored_bits"])
+        ax.plot([r["stored_bits"] for r in rows], [100 * r["quant_acc"] for r in rows], "o-", label=label)
+        for r in rows:
+            ax.annotate(f"k={r['k']}", (r["stored_bits"], 100 * r["quant_acc"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    float_acc = 100 * protocols[0][1][0]["float_acc"]
+    ax.axhline(float_acc, color="gray", linestyle="--", label=f"float {float_acc:.2f} %")
+    ax.set_xlabel("stored bits per weight (as packed)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"NUUQ vs uniform weights, {dataset}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def protocol_report(args) -> None:
     """One protocol's rows (ablation_table) with the machine, the description and the commands."""
     protocols = []
@@ -126,6 +155,8 @@ def protocol_report(args) -> None:
     if args.commands:
         parts += ["", "## Commands", "", "```", Path(args.commands).read_text().strip(), "```"]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    plot_protocols(protocols, RESULTS / f"{args.stem}.png", args.dataset)
+    parts += ["", f"![final accuracy against stored bits]({args.stem}.png)"]
     (RESULTS / f"{args.stem}.md").write_text("\n".join(parts) + "\n")
     keep = [{k: v for k, v in r.items() if k not in ("float_checkpoint", "sweep")} for r in rows]
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"machine": info, "rows": keep}, indent=1) + "\n")
