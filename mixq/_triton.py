@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._kernels import UniformKernel
+from .functional import ATANH_ALPHA
 
 try:
     import triton
@@ -31,7 +32,6 @@ except ImportError:  # Triton ships with CUDA builds of PyTorch only
     triton = tl = None
 
 MODIFIER_IDS = {"ste": 0, "ewgs": 1, "atanh": 2, "psgd": 3}
-ATANH_ALPHA = 1.9
 MAX_BLOCKS = 65535  # CUDA's limit on the second grid axis
 
 
@@ -69,7 +69,7 @@ if triton is not None:
             tl.store(codes_ptr + idx, code.to(codes_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, g_ptr, s_ptr, q_ptr, gx_ptr, ps_ptr, pq_ptr, S, B, n_blocks, delta, norm,
+    def _bwd_kernel(x_ptr, g_ptr, s_ptr, q_ptr, gx_ptr, ps_ptr, pq_ptr, S, B, n_blocks, delta, alpha, norm,
                     SIGNED: tl.constexpr, MODIFIER: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         blk = tl.program_id(1)
@@ -87,7 +87,7 @@ if triton is not None:
         if MODIFIER == 1:  # ewgs: 1 + delta sign(g) r
             m = 1.0 + delta * sign_g * r
         elif MODIFIER == 2:  # atanh: 1 + delta sign(g) norm atanh(alpha r)
-            z = 1.9 * r
+            z = alpha * r
             m = 1.0 + delta * sign_g * norm * (0.5 * tl.log(1.0 + 2.0 * z / (1.0 - z)))
         elif MODIFIER == 3:  # psgd: 1 + delta |r|
             m = 1.0 + delta * tl.abs(r)
@@ -157,7 +157,7 @@ class TritonUniformKernel(UniformKernel):
         norm = 0.5 / math.atanh(ATANH_ALPHA / 2)
         _bwd_kernel[self._grid()](x3, g3, scale.reshape(-1).contiguous(), qmax.reshape(-1).contiguous(),
                                   grad_x, partial[0], partial[1], s, self.shape3[2], self.n_blocks,
-                                  self.delta if self.modifier != "ste" else 0.0, norm,
+                                  self.delta if self.modifier != "ste" else 0.0, ATANH_ALPHA, norm,
                                   SIGNED=self.signed, MODIFIER=MODIFIER_IDS[self.modifier],
                                   BLOCK=self.block)
         sums = partial.sum(dim=(1, 3))
