@@ -234,11 +234,12 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     """
     device = x.device.type
     model = build_model(model_name).to(x.device)
-    phase = PhaseConfig(name=kind, penalty=penalty and kind.startswith("mixq"), quantizers="learned")
+    is_mixq = kind.startswith("mixq")
+    phase = PhaseConfig(name=kind, penalty=penalty and is_mixq, quantizers="learned")
     note = ""
     account = pen = None
     kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor"}.get(kind)
-    if kind.startswith("mixq"):
+    if is_mixq:
         mixq.prepare_(model, QuantConfig(), example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
@@ -257,14 +258,14 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     model.train()
     opt = make_optimizer(model, phase)
     fwd_model = torch.compile(model) if mode == "compiled" else model
-    qmods = [s.quant for s in quant_sites(model)] if kind.startswith("mixq") else []
+    qmods = [s.quant for s in quant_sites(model)] if is_mixq else []
     runner = PhaseRunner(fwd_model, phase, 0, None, _Ramp(), None, penalty=pen, account=account)
     amp = precision
     if kernels:
         note += f"; fused kernels on CUDA: {kernels}"
 
     def step(xb, yb):
-        if kind.startswith("mixq"):
+        if is_mixq:
             settings = (_kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels)
                         if kernels else contextlib.nullcontext())
             with settings, _autocast(device, amp):

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         floor_bytes = x.numel() * x.element_size() * 5  # fwd: x, x_hat; bwd: x, g, dL/dx
         for backend in backends:
             settings = _kernels.fast_kernels(backend != "plain", min_numel=0, devices=("cpu", "cuda"),
-                                             cuda_backend="triton" if backend == "plain" else backend)
+                                             cuda_backend=None if backend == "plain" else backend)
             with settings:
                 args = (x, s, q, g, signed, modifier)
                 seconds = _time(lambda args=args: _call(*args), a.device,

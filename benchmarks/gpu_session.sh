@@ -40,7 +40,7 @@ if has tests; then
   tail -15 "$OUT/tests.log"
 fi
 if has quick; then
-  echo "== 1b. quick pipeline runs on CUDA (training, budgets, export parity)"
+  echo "== 1b. quick pipeline runs on CUDA (training and budgets of three recipes)"
   timeout -k 5 "$T_QUICK" bash -c "
     python3 -m mixq train --recipe fmnist_default --quick --data '$FMNIST' --out /tmp/q_default &&
     python3 -m mixq train --recipe fmnist_learned --quick --data '$FMNIST' --out /tmp/q_learned &&
