@@ -100,6 +100,8 @@ class DropConnect(nn.Module):
 
 # 3x3 conv+BN+ReLU widths, "M" = 2x2 max-pool. Only narrow convs run at full resolution.
 FMNIST_CNN_LAYOUT: tuple[int | str, ...] = (16, 16, "M", 48, 64, "M", 128, 128)
+# A VGG of the NUUQ paper's size (~3.7 M weights, nuuq.md 4.7); 28x28 -> 3x3 after three pools.
+FMNIST_VGG_LAYOUT: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 
 
 class FMNISTCNN(nn.Module):
@@ -107,26 +109,42 @@ class FMNISTCNN(nn.Module):
 
     (N, C, 28, 28) -> conv16, conv16 -> pool -> (N, 16, 14, 14) -> conv48, conv64 -> pool
     -> (N, 64, 7, 7) -> conv128, conv128 -> GAP -> (N, 128) -> Linear -> (N, num_classes).
+
+    With ``hidden`` widths the head is a VGG classifier instead of GAP: flatten the last feature
+    map, then Linear -> ReLU per hidden width, then Linear -> (N, num_classes).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
-                 layout: tuple[int | str, ...] = FMNIST_CNN_LAYOUT) -> None:
+                 layout: tuple[int | str, ...] = FMNIST_CNN_LAYOUT,
+                 hidden: tuple[int, ...] = (), dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        ch = in_channels
+        ch, hw = in_channels, 28
         for item in layout:
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
+                hw //= 2
             else:
                 layers.append(ConvBNAct(ch, int(item)))
                 ch = int(item)
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(ch, num_classes)
+        # GAP, or for a VGG head the whole last feature map
+        self.pool = nn.Identity() if hidden else nn.AdaptiveAvgPool2d(1)
+        width = ch * hw * hw if hidden else ch
+        head: list[nn.Module] = []
+        for h in hidden:
+            head += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        self.head = nn.Sequential(*head) if head else None
+        self.fc = nn.Linear(width, num_classes)
         _init_weights(self)
+        for m in head:  # hidden layers feed ReLUs: Kaiming, not the classifier's N(0, 0.01)
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        x = torch.flatten(self.pool(self.features(x)), 1)
+        return self.fc(x if self.head is None else self.head(x))
 
 
 # --------------------------------------------------------------------------- ResNets
@@ -301,6 +319,14 @@ def fmnist_cnn(num_classes: int = 10, in_channels: int = 1, stem: str = "cifar")
     return FMNISTCNN(num_classes, in_channels)
 
 
+def fmnist_vgg(num_classes: int = 10, in_channels: int = 1, stem: str = "cifar") -> nn.Module:
+    """VGG-like CNN for 28x28 inputs with 3.70 M weights, the size of the NUUQ paper's model:
+    conv 32, 32, pool, 64, 64, pool, 128, 128, pool -> flatten 1152 -> 2048 -> 512 -> classes.
+    Most weights sit in the two hidden Linear layers (``stem`` must be "cifar")."""
+    _check_stem(stem, ("cifar",))
+    return FMNISTCNN(num_classes, in_channels, FMNIST_VGG_LAYOUT, hidden=(2048, 512), dropout=0.2)
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3, stem: str = "cifar") -> nn.Module:
     """CIFAR ResNet-20 (He et al. 2016): 3x3 BasicBlocks, 16/32/64, option-A shortcuts."""
     _check_stem(stem, ("cifar",))
@@ -326,13 +352,14 @@ def efficientnet_lite0(num_classes: int = 10, in_channels: int = 3,
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "fmnist_cnn": fmnist_cnn,
+    "fmnist_vgg": fmnist_vgg,
     "resnet20": resnet20,
     "resnet18": resnet18,
     "mobilenetv2": mobilenetv2,
     "efficientnet_lite0": efficientnet_lite0,
 }
 
-_INPUT_HW = {"fmnist_cnn": 28, "resnet20": 32}
+_INPUT_HW = {"fmnist_cnn": 28, "fmnist_vgg": 28, "resnet20": 32}
 
 
 def list_models() -> list[str]:
@@ -355,8 +382,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3,
                  stem: str = "cifar") -> nn.Module:
     """Build a freshly initialised float model by (case-insensitive) name.
 
-    ``stem`` is "cifar" (32x32 inputs, or 28x28 for fmnist_cnn) or "imagenet" (224x224 or
-    smaller, e.g. 64x64); fmnist_cnn and resnet20 only have the "cifar" stem.
+    ``stem`` is "cifar" (32x32 inputs, or 28x28 for fmnist_cnn and fmnist_vgg) or "imagenet"
+    (224x224 or smaller, e.g. 64x64); fmnist_cnn, fmnist_vgg and resnet20 only have the "cifar" stem.
     Raises ValueError for unknown names (suggesting the closest match) or stems.
     """
     return MODELS[_check_name(name)](num_classes=num_classes, in_channels=in_channels, stem=stem)

@@ -200,6 +200,16 @@ def test_group_granularity_parity(fmnist, group_size):
     assert parity["agree"] == 200 and parity["max_logit_diff_steps"] == 0.0
 
 
+def test_vgg_head_parity(fmnist):
+    """fmnist_vgg's classifier: flatten of a 3x3 map, hidden Linear -> ReLU -> Dropout layers."""
+    model, normalize = build("fmnist_vgg", fmnist, 0, batch_size=16, num_batches=2)
+    int_model = export(model, (1, 28, 28), normalize=normalize)
+    assert {"head.0", "head.3", "fc"} <= set(int_model.manifest["layers"])
+    x8 = images(fmnist, 32)
+    parity = check_parity(model, int_model, x8, normalize)
+    assert parity["agree"] == 32 and parity["max_logit_diff_steps"] == 0.0
+
+
 def test_mobilenetv2_small_input_parity(cifar):
     """Depthwise convs, ReLU6 (the exact clamp at 6), inverted residuals, 1280-channel head."""
     model, normalize = build("mobilenetv2", cifar, 0, batch_size=8, num_batches=2)

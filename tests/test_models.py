@@ -19,7 +19,7 @@ IDS = [f"{n}-{s}" for n, s in VARIANTS]
 # Reduced spatial sizes for the heavier models, to keep the file fast on a small CPU; the
 # natural sizes (32x32 cifar stems, 64x64 imagenet stems) are used by the forward test.
 SMALL_HW = {"cifar": 16, "imagenet": 48}
-CHEAP = ("fmnist_cnn", "resnet20")
+CHEAP = ("fmnist_cnn", "fmnist_vgg", "resnet20")  # natural size (fmnist_vgg: 28x28 only)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _build(name: str, stem: str = "cifar", num_classes: int = 10, seed: int = 0,
            in_channels: int | None = None, small: bool = True):
     """Model plus a batch-2 input: natural size (64x64 for imagenet stems) or reduced."""
-    in_ch = in_channels or (1 if name == "fmnist_cnn" else 3)
+    in_ch = in_channels or (1 if name.startswith("fmnist") else 3)
     torch.manual_seed(seed)
     model = create_model(name, num_classes=num_classes, in_channels=in_ch, stem=stem)
     c, h, w = input_shape(name, in_ch, stem)
@@ -189,6 +189,10 @@ def test_parameter_counts():
     #   FC        64*10 + 10               =     650
     #   total = 432+32+13,824+192+50,688+384+202,752+768+650 = 269,722 (option A: no params)
     assert count(create_model("resnet20")) == 269_722
+    # fmnist_vgg (1 input channel): convs 9*(1*32 + 32*32 + 32*64 + 64*64 + 64*128 + 128*128)
+    #   = 285,984, BN 2*(32+32+64+64+128+128) = 896, Linear 1152*2048 + 2048 = 2,361,344,
+    #   2048*512 + 512 = 1,049,088, 512*10 + 10 = 5,130: total 3,702,442 (3,698,976 weights)
+    assert count(create_model("fmnist_vgg", in_channels=1)) == 3_702_442
     # torchvision reference counts (1000 classes, ImageNet stem).
     assert count(create_model("resnet18", num_classes=1000, stem="imagenet")) == 11_689_512
     assert count(create_model("mobilenetv2", num_classes=1000, stem="imagenet")) == 3_504_872
