@@ -221,11 +221,12 @@ def _autocast(device: str, precision: str):
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
-    """One training-step variant. kind: float | mixq | mixq_triton | mixq_inductor | torch_lsq |
-    brevitas. mode: eager | compiled. mixq runs mixq's default kernel settings; mixq_triton and
-    mixq_inductor turn the fused quantizer kernels on for CUDA too, with the hand-written Triton
-    kernels (mixq._triton) or the inductor-compiled ones (eager mode; compiled mode traces the
-    plain ops either way).
+    """One training-step variant. kind: float | mixq | mixq_ste | mixq_triton | mixq_inductor |
+    torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's default kernel settings; mixq_ste
+    is mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
+    EWGS/ATanh modifiers cost); mixq_triton and mixq_inductor turn the fused quantizer kernels on for
+    CUDA too, with the hand-written Triton kernels (mixq._triton) or the inductor-compiled ones
+    (eager mode; compiled mode traces the plain ops either way).
 
     float and torch_lsq: forward, cross-entropy (label smoothing 0.1), backward, SGD step. mixq: the
     real step of mixq.train.PhaseRunner: with `penalty`, SizeAccount + BudgetPenalty (weight budget
@@ -240,14 +241,19 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     account = pen = None
     kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor"}.get(kind)
     if is_mixq:
-        mixq.prepare_(model, QuantConfig(), example_input=x[:2])
+        config = QuantConfig()
+        if kind == "mixq_ste":
+            config = QuantConfig(weight=config.weight.replace(modifier="ste"),
+                                 act=config.act.replace(modifier="ste"))
+        mixq.prepare_(model, config, example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
             account = SizeAccount(model)
             with torch.no_grad():
                 wbytes = float(account()["weight_bits"]) / 8
             pen = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes)).to(x.device)
-        note = "U3 W per-channel (EWGS) + A per-tensor (ATanh)" + (", size penalty" if penalty else "")
+        w_mod, a_mod = ("STE", "STE") if kind == "mixq_ste" else ("EWGS", "ATanh")
+        note = f"U3 W per-channel ({w_mod}) + A per-tensor ({a_mod})" + (", size penalty" if penalty else "")
     elif kind == "torch_lsq":
         to_torch_lsq(model)
         note = "learnable per-channel W4 + per-tensor A8"

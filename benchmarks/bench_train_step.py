@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     a.precisions = a.precisions or ("fp32" if a.quick else "fp32,bf16")
-    reps = a.reps or (5 if a.quick else 15)
+    reps = a.reps or (9 if a.quick else 15)
     warmup = a.warmup or (1 if a.quick else 3)
     budget = a.budget_s or (780.0 if a.quick else float("inf"))
     devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
             batches = {(model_name, device): make_batch(model_name, BATCH[model_name], device)}
         x, y = batches[(model_name, device)]
         group = dict(model=model_name, device=device, mode=mode, precision=precision)
-        kinds = ["float", "mixq", "torch_lsq"]
+        kinds = ["float", "mixq", "mixq_ste", "torch_lsq"]
         if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
-            kinds[2:2] = ["mixq_triton", "mixq_inductor"]
+            kinds[3:3] = ["mixq_triton", "mixq_inductor"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
             kinds.append("brevitas")
         # a group is skipped when it would likely end past the budget: its estimate is the last
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             summary[f"{key}_ratio_of_medians"] = round(result["mixq"]["ratio_of_medians"], 4)
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
-            for other in ("torch_lsq", "mixq_triton", "mixq_inductor"):
+            for other in ("mixq_ste", "torch_lsq", "mixq_triton", "mixq_inductor"):
                 if other in result:
                     summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
                     if result[other]["peak_ratio"]:
