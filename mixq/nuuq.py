@@ -61,30 +61,45 @@ def flexible_quant_config(opts: FlexibleOptions, base: QuantConfig, levels: dict
     return dataclasses.replace(base, weight=weight, act=act, rules=rules)
 
 
+@contextlib.contextmanager
+def float_weights(model: nn.Module):
+    """Within the block the flexible weight quantizers pass their weights through unchanged."""
+    flex = [s.quant for s in quant_sites(model) if isinstance(s.quant, FlexibleQuantizer)]
+    saved = [q.enabled for q in flex]
+    for q in flex:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, state in zip(flex, saved, strict=True):
+            q.enabled = state
+
+
 @torch.no_grad()
 def calibrate_acts_(model: nn.Module, batches, max_batches: int = 4) -> None:
     """Calibrate the activation quantizers on the float model (flexible weights passed through)."""
-    sites = quant_sites(model)
-    flex = [s.quant for s in sites if isinstance(s.quant, FlexibleQuantizer)]
-    saved = [q.enabled for q in flex]
-    acts = [s.quant for s in sites if s.role != "weight"]
-    for q in flex:
-        q.enabled = False
+    acts = [s.quant for s in quant_sites(model) if s.role != "weight"]
     for q in acts:
         q.start_observing()
     was = model.training
     model.eval()
     try:
-        for i, (x, _) in enumerate(batches):
-            model(x)
-            if i + 1 >= max_batches:
-                break
+        with float_weights(model):
+            for i, (x, _) in enumerate(batches):
+                model(x)
+                if i + 1 >= max_batches:
+                    break
     finally:
         model.train(was)
-        for q, state in zip(flex, saved, strict=True):
-            q.enabled = state
     for q in acts:
         q.finish_observing_()
+
+
+def acts_only_accuracy(model: nn.Module, loader) -> float:
+    """Accuracy (float64) with float weights and the quantized activations: what the b_A-bit
+    activations alone cost, so that a table can tell it from what the weights cost."""
+    with float_weights(model):
+        return evaluate(model, loader, dtype=torch.float64)["acc"]
 
 
 class _Hooks:
@@ -312,6 +327,7 @@ def run_flexible(job, results: dict, state: dict | None = None) -> None:
     flex = {"options": dataclasses.asdict(opts), "levels": levels}
     if opts.report_mse:
         flex["mse"] = mse_report(model, opts)
+    flex["test_acc_acts_only"] = acts_only_accuracy(model, job.test)
     flex["test_acc_no_ft"] = evaluate(model, job.test, dtype=torch.float64)["acc"]
     job.show.message(f"flexible: all layers quantized, no fine-tuning: test acc {flex['test_acc_no_ft']:.4f}")
     hooks = _Hooks(job.evaluate_val, folder, job.show)

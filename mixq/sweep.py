@@ -85,7 +85,8 @@ def sweep_row(point, summary: dict, float_ckpt: str) -> dict:
     mse = flex.get("mse", {})
     return {"point": point_name(point), "set": dict(point), "seed": summary.get("seed"),
             "float_checkpoint": float_ckpt, "float_acc": summary.get("float_acc"),
-            "acc_no_ft": flex.get("test_acc_no_ft"), "acc_ft": flex.get("test_acc_ft"),
+            "acc_acts_only": flex.get("test_acc_acts_only"), "acc_no_ft": flex.get("test_acc_no_ft"),
+            "acc_ft": flex.get("test_acc_ft"),
             "acc_qat": flex.get("test_acc_qat"), "quant_acc": summary.get("quant_acc"),
             "k": opts.get("k"), "grid_bits": opts.get("grid_bits"), "allocation": opts.get("allocation"),
             "level_init": opts.get("level_init"), "granularity": opts.get("granularity"),

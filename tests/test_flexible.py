@@ -417,6 +417,35 @@ def test_end_to_end_ptq_with_fine_tuning_on_real_data():
     assert rep["stored_bits_base_k"] == 1.6 and {r["fqn"] for r in rep["layers"]} == {"0", "4", "8", "12"}
 
 
+def test_acts_only_accuracy_passes_the_weights_through_and_restores_them():
+    from mixq.convert import quant_sites
+    from mixq.nuuq import acts_only_accuracy
+
+    train, test = fixture_loaders()
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):  # a little training: predictions that depend on the input
+        for x, y in train:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    float_model = copy.deepcopy(model)
+    model = quantize(model, train, levels=2, bits=4)  # two levels: the weights change a lot
+    weights = [s.quant for s in quant_sites(model) if s.role == "weight"]
+    weights[1].enabled = False  # a layer left float stays float afterwards
+    quantized = evaluate(model, test, dtype=torch.float64)
+    acts_only = acts_only_accuracy(model, test)
+    assert [q.enabled for q in weights] == [True, False, True, True]
+    assert evaluate(model, test, dtype=torch.float64)["loss"] == quantized["loss"]
+    for q in weights:
+        q.enabled = False
+    reference = evaluate(model, test, dtype=torch.float64)  # float weights, quantized activations
+    assert acts_only == reference["acc"]
+    assert not reference["predictions"].equal(quantized["predictions"])
+    # and the activations were quantized in it: the float model's loss differs
+    assert evaluate(float_model, test, dtype=torch.float64)["loss"] != reference["loss"]
+
+
 def test_fine_tuning_that_hurts_is_undone():
     """A learning rate far too high wrecks every layer's fine-tuning: each is undone, and the model
     ends exactly where quantization without fine-tuning left it."""
@@ -492,7 +521,8 @@ def test_pipeline_flexible_run_reports_bits_meets_its_budget_and_exports_exactly
     assert summary["stored_bits"] == pytest.approx(sum(r["elements"] * r["stored_bits"] for r in layers) / n)
     assert summary["weight_bytes_with_overhead"] == summary["weight_bytes"] + summary["overhead_bytes"]
     flex = summary["flexible"]
-    assert {"test_acc_no_ft", "test_acc_ft", "test_acc_qat", "ptq_layers", "mse"} <= set(flex)
+    assert {"test_acc_acts_only", "test_acc_no_ft", "test_acc_ft", "test_acc_qat", "ptq_layers",
+            "mse"} <= set(flex)
     assert flex["test_acc_qat"] == summary["quant_acc"]
     report = export_run(tmp_path / "run", tmp_path / "model.mixq", data_root=fmnist_dir, parity_images=100)
     assert report["parity"]["agree"] == 100 and report["parity"]["max_logit_diff_steps"] == 0
