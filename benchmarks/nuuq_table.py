@@ -35,6 +35,8 @@ def load_rows(dirs: list[str]) -> list[dict]:
             summary = json.loads((Path(d) / r["point"] / "summary.json").read_text())
             r["method"] = "uniform" if r.get("level_init") == "uniform" else "NUUQ"
             r["mse_layers"] = summary.get("flexible", {}).get("mse", {}).get("layers", [])
+            env = Path(d) / r["point"] / "env.json"
+            r["threads"] = json.loads(env.read_text()).get("torch_threads") if env.exists() else None
             r["sweep"] = str(d)
             rows.append(r)
     return rows
@@ -131,7 +133,7 @@ def plot_protocols(protocols, path, dataset: str) -> None:
     ax.axhline(float_acc, color="gray", linestyle="--", label=f"float {float_acc:.2f} %")
     ax.set_xlabel("stored bits per weight (as packed)")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"NUUQ vs uniform weights, {dataset}")
+    ax.set_title(f"NUUQ vs uniform weights,\n{dataset}", fontsize=11)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,8 +148,10 @@ def protocol_report(args) -> None:
         protocols.append((label, load_rows(folders.split(","))))
     rows = [r for _, rs in protocols for r in rs]
     info = machine_info()
+    threads = "/".join(sorted({str(r["threads"]) for r in rows if r["threads"]})) or "?"
     parts = [f"# NUUQ on {args.dataset}: {'; '.join(label for label, _ in protocols)}", "",
-             f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used one thread), "
+             f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus', '?')} CPUs (runs used {threads} "
+             "torch threads), "
              f"torch {info['torch']}, Python {info['python']}, {info['date']}. Git commit "
              f"{info.get('git_commit', '?')}. Seed {', '.join(sorted({str(r['seed']) for r in rows}))}; "
              f"float model test accuracy {', '.join(sorted({pct(r['float_acc']) for r in rows}))} %.",
@@ -157,6 +161,8 @@ def protocol_report(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_protocols(protocols, RESULTS / f"{args.stem}.png", args.dataset)
     parts += ["", f"![final accuracy against stored bits]({args.stem}.png)"]
+    if args.notes:
+        parts += ["", "## Reading", "", Path(args.notes).read_text().strip()]
     (RESULTS / f"{args.stem}.md").write_text("\n".join(parts) + "\n")
     keep = [{k: v for k, v in r.items() if k not in ("float_checkpoint", "sweep")} for r in rows]
     (RESULTS / f"{args.stem}.json").write_text(json.dumps({"machine": info, "rows": keep}, indent=1) + "\n")

@@ -10,7 +10,7 @@ import pytest
 from mixq.cli import main
 from mixq.models import MODELS
 
-INPUT = {"fmnist_cnn": "1,28,28", "resnet20": "3,32,32", "resnet18": "3,32,32",
+INPUT = {"fmnist_cnn": "1,28,28", "fmnist_vgg": "1,28,28", "resnet20": "3,32,32", "resnet18": "3,32,32",
          "mobilenetv2": "3,32,32", "efficientnet_lite0": "3,32,32"}
 
 
