@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import host_memory
 from . import size as size_mod
 from .budget import (
     BudgetPenalty,
@@ -254,6 +255,8 @@ def train_run(recipe: Recipe, out: str | Path, *, data_root=None, quick: bool = 
         recipe = quick_recipe(recipe)
     folder.write_json("recipe.json", recipe.to_dict())
     job = Job(recipe, folder, data_root=data_root, device=device, progress=progress, on_step=on_step)
+    if job.device.type == "cpu" and host_memory.wanted():
+        host_memory.keep_freed_host_memory()  # every step reuses its pages (see host_memory)
     folder.write_json("env.json", environment(job.device))
     state = load_checkpoint(last) if resume and last.exists() else None
     results = state["results"] if state else {"started": time.time()}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import host_memory
+
 
 def environment(device: torch.device) -> dict:
     """torch, device, CPU/thread count, Python and git commit of this checkout."""
@@ -34,6 +36,7 @@ def environment(device: torch.device) -> dict:
            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": str(device), "git_commit": commit, "git_dirty": dirty,
+           "keep_freed_host_memory": host_memory.freed_host_memory_kept(),
            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
