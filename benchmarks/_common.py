@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,8 +78,9 @@ def machine_info() -> dict:
         info["git_commit"] = "unknown"
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
-    from mixq import _kernels
+    from mixq import _kernels, host_memory
 
+    info["keep_freed_host_memory"] = host_memory.freed_host_memory_kept()
     info["mixq_fast_kernels"] = {k: v for k, v in _kernels.fast_kernel_status().items()
                                  if k != "variants"}
     return info
@@ -87,7 +89,9 @@ def machine_info() -> dict:
 def machine_line(info: dict) -> str:
     gpu = f"{info['cuda_device']} with " if info.get("cuda_device") else ""
     return (f"{gpu}{info.get('cpu_model', '?')} ({info.get('cpus', '?')} CPUs), torch {info['torch']}, "
-            f"{info['threads']} threads, load average at start {info.get('loadavg_start')}, "
+            f"{info['threads']} threads, "
+            f"freed CPU memory {'kept for reuse' if info.get('keep_freed_host_memory') else 'returned'}, "
+            f"load average at start {info.get('loadavg_start')}, "
             f"commit {info['git_commit'][:12]}"
             f"{' + uncommitted mixq/ changes' if 'uncommitted' in info['git_commit'] else ''}, "
             f"{info['date']}")
@@ -198,6 +202,7 @@ class Variant:
     peak_bytes: float | None = None
     compile_s: float | None = None
     max_reps: int | None = None  # a very slow variant (Brevitas) is timed in the first reps only
+    faults: list = field(default_factory=list)  # minor page faults per timed step (CPU)
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
@@ -303,9 +308,13 @@ def time_step(v: Variant, x, y) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     v.step(x, y)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    # memory mapped anew and touched: one fault per 4 KiB page (see mixq.host_memory)
+    v.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+    return elapsed
 
 
 def warm_up(variants: list[Variant], x, y, steps: int) -> None:
@@ -363,13 +372,15 @@ def summarize(variants: list[Variant]) -> dict:
             "peak_ratio": (v.peak_bytes / base.peak_bytes
                            if v.peak_bytes and base.peak_bytes else None),
             "first_steps_s": v.compile_s, "note": v.note, "reps": len(v.times),
+            "page_faults_per_step": statistics.median(v.faults) if v.faults else None,
         }
     return out
 
 
 def table(rows: list[dict], title: str) -> str:
     head = (f"{'model':<11} {'dev':<4} {'mode':<8} {'prec':<5} {'variant':<13} {'median ms':>10} "
-            f"{'x float':>8} {'rep-ratio':>9} {'peak MiB':>9} {'x float':>8} {'1st steps s':>11}")
+            f"{'x float':>8} {'rep-ratio':>9} {'peak MiB':>9} {'x float':>8} {'1st steps s':>11} "
+            f"{'faults/step':>11}")
     lines = [title, head, "-" * len(head)]
     for r in rows:
         if r.get("missing"):
@@ -379,10 +390,12 @@ def table(rows: list[dict], title: str) -> str:
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") else f"{'-':>9}"
         pr = f"{r['peak_ratio']:8.2f}" if r.get("peak_ratio") else f"{'-':>8}"
         first = f"{r['first_steps_s']:11.1f}" if r.get("first_steps_s") is not None else f"{'-':>11}"
+        faults = r.get("page_faults_per_step")
+        faults = f"{faults:11,.0f}" if faults is not None else f"{'-':>11}"
         lines.append(
             f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} {r['variant']:<13} "
             f"{r['median_s'] * 1e3:10.1f} {r['ratio_of_medians']:8.2f} {r['median_of_rep_ratios']:9.2f} "
-            f"{peak} {pr} {first}")
+            f"{peak} {pr} {first} {faults}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ from _common import (  # noqa: E402
     write_results,
 )
 
+from mixq import host_memory  # noqa: E402
+
 BATCH = {"resnet20": 512, "fmnist_cnn": 256}
 
 
@@ -60,14 +62,20 @@ def main(argv=None) -> int:
                    help="skip the groups that would end after this many seconds (quick: 780)")
     p.add_argument("--compile-estimate-s", type=float, default=420.0,
                    help="expected duration of a compiled group never run before (for --budget-s)")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep: freed CPU memory is kept for reuse (mixq.host_memory, what `mixq train` "
+                        "does on the CPU; the whole process, float included); default: glibc's "
+                        "defaults, every large tensor mapped and page-faulted anew each step")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-brevitas", action="store_true")
     p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.malloc == "keep" and not host_memory.keep_freed_host_memory():
+        print("note: --malloc keep does nothing here (the C library is not glibc)")
     a.precisions = a.precisions or ("fp32" if a.quick else "fp32,bf16")
-    reps = a.reps or (9 if a.quick else 15)
+    reps = a.reps or 15
     warmup = a.warmup or (1 if a.quick else 3)
     budget = a.budget_s or (780.0 if a.quick else float("inf"))
     devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
