@@ -226,12 +226,14 @@ def _autocast(device: str, precision: str):
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
-    """One training-step variant. kind: float | mixq | mixq_ste | mixq_triton | mixq_inductor |
-    torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's default kernel settings; mixq_ste
-    is mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
-    EWGS/ATanh modifiers cost); mixq_triton and mixq_inductor turn the fused quantizer kernels on for
-    CUDA too, with the hand-written Triton kernels (mixq._triton) or the inductor-compiled ones
-    (eager mode; compiled mode traces the plain ops either way).
+    """One training-step variant. kind: float | mixq | mixq_ste | mixq_ewgs_act | mixq_triton |
+    mixq_inductor | torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's default kernel
+    settings; mixq_ste is mixq with both rounding-gradient modifiers off (plain straight-through
+    estimator, what the EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations
+    instead of ATanh (what ATanh's log1p costs under inductor); mixq_triton and mixq_inductor turn
+    the fused quantizer kernels on for CUDA too, with the hand-written Triton kernels
+    (mixq._triton) or the inductor-compiled ones (eager mode; compiled mode traces the plain ops
+    either way).
 
     float and torch_lsq: forward, cross-entropy (label smoothing 0.1), backward, SGD step. mixq: the
     real step of mixq.train.PhaseRunner: with `penalty`, SizeAccount + BudgetPenalty (weight budget
@@ -250,6 +252,8 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
         if kind == "mixq_ste":
             config = QuantConfig(weight=config.weight.replace(modifier="ste"),
                                  act=config.act.replace(modifier="ste"))
+        elif kind == "mixq_ewgs_act":
+            config = QuantConfig(weight=config.weight, act=config.act.replace(modifier="ewgs"))
         mixq.prepare_(model, config, example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
@@ -257,7 +261,8 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
             with torch.no_grad():
                 wbytes = float(account()["weight_bits"]) / 8
             pen = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes)).to(x.device)
-        w_mod, a_mod = ("STE", "STE") if kind == "mixq_ste" else ("EWGS", "ATanh")
+        w_mod, a_mod = {"mixq_ste": ("STE", "STE"), "mixq_ewgs_act": ("EWGS", "EWGS")}.get(
+            kind, ("EWGS", "ATanh"))
         note = f"U3 W per-channel ({w_mod}) + A per-tensor ({a_mod})" + (", size penalty" if penalty else "")
     elif kind == "torch_lsq":
         to_torch_lsq(model)

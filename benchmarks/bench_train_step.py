@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             batches = {(model_name, device): make_batch(model_name, BATCH[model_name], device)}
         x, y = batches[(model_name, device)]
         group = dict(model=model_name, device=device, mode=mode, precision=precision)
-        kinds = ["float", "mixq", "mixq_ste", "torch_lsq"]
+        kinds = ["float", "mixq", "mixq_ste", "mixq_ewgs_act", "torch_lsq"]
         if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
             kinds[3:3] = ["mixq_triton", "mixq_inductor"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             summary[f"{key}_ratio_of_medians"] = round(result["mixq"]["ratio_of_medians"], 4)
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
-            for other in ("mixq_ste", "torch_lsq", "mixq_triton", "mixq_inductor"):
+            for other in ("mixq_ste", "mixq_ewgs_act", "torch_lsq", "mixq_triton", "mixq_inductor"):
                 if other in result:
                     summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
                     if result[other]["peak_ratio"]:
