@@ -224,6 +224,10 @@ def _autocast(device: str, precision: str):
     return contextlib.nullcontext()
 
 
+# (weight, activation) rounding-gradient modifier of the mixq variants that change them
+_MODIFIERS = {"mixq_ste": ("ste", "ste"), "mixq_ewgs_act": ("ewgs", "ewgs")}
+
+
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
     """One training-step variant. kind: float | mixq | mixq_ste | mixq_ewgs_act | mixq_triton |
@@ -249,11 +253,9 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor"}.get(kind)
     if is_mixq:
         config = QuantConfig()
-        if kind == "mixq_ste":
-            config = QuantConfig(weight=config.weight.replace(modifier="ste"),
-                                 act=config.act.replace(modifier="ste"))
-        elif kind == "mixq_ewgs_act":
-            config = QuantConfig(weight=config.weight, act=config.act.replace(modifier="ewgs"))
+        w_mod, a_mod = _MODIFIERS.get(kind, (config.weight.modifier, config.act.modifier))
+        config = QuantConfig(weight=config.weight.replace(modifier=w_mod),
+                             act=config.act.replace(modifier=a_mod))
         mixq.prepare_(model, config, example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
@@ -261,9 +263,8 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
             with torch.no_grad():
                 wbytes = float(account()["weight_bits"]) / 8
             pen = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes)).to(x.device)
-        w_mod, a_mod = {"mixq_ste": ("STE", "STE"), "mixq_ewgs_act": ("EWGS", "EWGS")}.get(
-            kind, ("EWGS", "ATanh"))
-        note = f"U3 W per-channel ({w_mod}) + A per-tensor ({a_mod})" + (", size penalty" if penalty else "")
+        note = (f"U3 W per-channel ({w_mod.upper()}) + A per-tensor ({a_mod.upper()})"
+                + (", size penalty" if penalty else ""))
     elif kind == "torch_lsq":
         to_torch_lsq(model)
         note = "learnable per-channel W4 + per-tensor A8"
