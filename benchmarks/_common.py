@@ -5,7 +5,8 @@ Timing: all variants of one (model, mode, precision) group are built first, warm
 in alternating order, one step each per repetition, in the same process: slow phases of a shared CPU
 hit every variant alike, and every ratio is QAT over float from the same repetitions. Reported: the
 median step time of each variant, the ratio of the medians, and the median of the per-repetition
-ratios (the steadier number on a busy machine).
+ratios (the steadier number on a busy machine) with a 95 % bootstrap interval of that median (how far
+the VM's noise lets the number move; `rep_ratio_interval`).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over one step minus the memory allocated
 before it. On the CPU, the tensor memory timeline of torch.profiler (profile_memory=True): every
@@ -363,6 +364,24 @@ def peak_memory(v: Variant, x, y) -> float | None:
         return None
 
 
+def rep_ratio_interval(ratios: list[float], level: float = 0.95, resamples: int = 4000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of the per-repetition ratios: the repetitions
+    are resampled with replacement (seeded, so a results file is reproducible from its times)."""
+    if not ratios:
+        raise ValueError("rep_ratio_interval needs at least one ratio")
+    g = torch.Generator().manual_seed(seed)
+    r = torch.tensor(ratios, dtype=torch.float64)
+    picks = torch.randint(0, len(ratios), (resamples, len(ratios)), generator=g)
+    # statistics.median's convention (the mean of the two middle values), not torch's lower median
+    medians = r[picks].sort(dim=1).values
+    n = len(ratios)
+    medians = 0.5 * (medians[:, (n - 1) // 2] + medians[:, n // 2])
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(medians, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def summarize(variants: list[Variant]) -> dict:
     """Medians and ratios to the variant named 'float'."""
     base = next(v for v in variants if v.name == "float")
@@ -374,6 +393,7 @@ def summarize(variants: list[Variant]) -> dict:
             "median_s": med, "min_s": min(v.times), "times_s": v.times,
             "ratio_of_medians": med / statistics.median(base.times),
             "median_of_rep_ratios": statistics.median(per_rep),
+            "rep_ratio_ci95": rep_ratio_interval(per_rep),
             "peak_bytes": v.peak_bytes,
             "peak_ratio": (v.peak_bytes / base.peak_bytes
                            if v.peak_bytes and base.peak_bytes else None),
@@ -385,8 +405,8 @@ def summarize(variants: list[Variant]) -> dict:
 
 def table(rows: list[dict], title: str) -> str:
     head = (f"{'model':<11} {'dev':<4} {'mode':<8} {'prec':<5} {'variant':<13} {'median ms':>10} "
-            f"{'x float':>8} {'rep-ratio':>9} {'peak MiB':>9} {'x float':>8} {'1st steps s':>11} "
-            f"{'faults/step':>11}")
+            f"{'x float':>8} {'rep-ratio':>9} {'95% interval':>13} {'peak MiB':>9} {'x float':>8} "
+            f"{'1st steps s':>11} {'faults/step':>11}")
     lines = [title, head, "-" * len(head)]
     for r in rows:
         if r.get("missing"):
@@ -398,10 +418,12 @@ def table(rows: list[dict], title: str) -> str:
         first = f"{r['first_steps_s']:11.1f}" if r.get("first_steps_s") is not None else f"{'-':>11}"
         faults = r.get("page_faults_per_step")
         faults = f"{faults:11,.0f}" if faults is not None else f"{'-':>11}"
+        ci = r.get("rep_ratio_ci95")
+        ci = f"{ci[0]:6.2f}-{ci[1]:<6.2f}" if ci else f"{'-':>13}"
         lines.append(
             f"{r['model']:<11} {r['device']:<4} {r['mode']:<8} {r['precision']:<5} {r['variant']:<13} "
             f"{r['median_s'] * 1e3:10.1f} {r['ratio_of_medians']:8.2f} {r['median_of_rep_ratios']:9.2f} "
-            f"{peak} {pr} {first} {faults}")
+            f"{ci} {peak} {pr} {first} {faults}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ BudgetPenalty with a weight budget at half the model's size), backward, clip_gra
 forward, loss, backward, the same optimizer. bf16 runs the whole step under torch.autocast.
 See benchmarks/_common.py for how time and memory are measured. The last line with --json is one
 JSON object (cpu_eager_fp32_ratio: mixq over float step time, ResNet-20, same run: the median of
-the per-repetition ratios; *_ratio_of_medians is the other estimate).
+the per-repetition ratios; *_ratio_ci95 its 95 % bootstrap interval; *_ratio_of_medians is the
+other estimate).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
                         "defaults, every large tensor mapped and page-faulted anew each step")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-brevitas", action="store_true")
-    p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
+    p.add_argument("--out", default=None,
+                   help="results file stem under benchmarks/results/ (an absolute path: there)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
             # changing during the run (which moves the two medians apart)
             summary[f"{key}_ratio"] = round(result["mixq"]["median_of_rep_ratios"], 4)
             summary[f"{key}_ratio_of_medians"] = round(result["mixq"]["ratio_of_medians"], 4)
+            summary[f"{key}_ratio_ci95"] = [round(b, 4) for b in result["mixq"]["rep_ratio_ci95"]]
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
             for other in ("mixq_ste", "mixq_ewgs_act", "torch_lsq", "mixq_triton", "mixq_inductor"):
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
             durations[("compiled", precision)] = max(spent, durations.get(("compiled", precision), 0.0))
     elapsed = time.perf_counter() - t_start
     title = (f"Training step, QAT vs float (x float = ratio of medians; rep-ratio = median of the "
-             f"per-repetition ratios), {reps} interleaved reps after {warmup} warm-up steps")
+             f"per-repetition ratios, with its 95 % bootstrap interval), {reps} interleaved reps "
+             f"after {warmup} warm-up steps")
     text = table(rows, title)
     print("\n" + text)
     info["loadavg_end"] = _loadavg()
