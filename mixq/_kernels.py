@@ -9,9 +9,9 @@ shapes, so one kernel serves every site of a layout. The tensor is viewed as (A,
 slice parameters as (1, S, 1): per-tensor sites are (1, 1, numel), per-output-channel weights (1,
 C_out, rest), per-channel activations (N, C, H W). Inductor's CPU code does not use fast-math or FMA
 contraction, so every element of the output and of dL/dx is bit-identical to the plain path (atanh
-goes through log1p for that, see `functional._atanh`); the slice sums of dL/dscale and dL/dqmax are
-taken inside the kernel, in a different summation order than ATen's `sum`, so they agree to rounding
-(a few ulps), not bitwise.
+is built from arithmetic and bit operations for that, see `functional._atanh`); the slice sums of
+dL/dscale and dL/dqmax are taken inside the kernel, in a different summation order than ATen's
+`sum`, so they agree to rounding (a few ulps), not bitwise.
 
 Used only in eager mode (under torch.compile the plain ops are traced and fused by the outer
 compiler), on the devices in `devices`, for tensors of at least `min_numel` elements (below that

@@ -8,7 +8,9 @@ program writes its block's partial sums, and one `sum` over (A, blocks) follows 
 runs give the same bits). Arithmetic in float32 for float32, bfloat16 and float16 inputs (float64
 runs the plain ops). Division is round-to-nearest (`div_rn`) and round(v) is half-to-even built
 from floor, so x_hat and the codes are exactly those of the plain ATen ops; dL/dx and the slice sums
-may differ in the last bits (the compiler contracts multiply-adds; partial sums in another order).
+may differ in the last bits (the compiler contracts multiply-adds; partial sums in another order; the
+ATanh modifier's atanh goes through `tl.log`, where the plain path builds it from bit operations,
+`functional._atanh`: the two agree to about 1e-7, which the factor 1 + delta ... scales down).
 
 Chosen by `mixq._kernels.set_fast_kernels(cuda_backend="triton")` (or MIXQ_CUDA_BACKEND=triton);
 `available()` is false without Triton, and the kernels also run under TRITON_INTERPRET=1 on CPU

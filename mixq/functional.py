@@ -20,6 +20,8 @@ from . import _kernels
 # round(u) by a factor m(r, g) where r = u - round(u) in [-1/2, 1/2] and g is the upstream gradient.
 MODIFIERS = ("ste", "ewgs", "atanh", "psgd", "tanh", "acos")
 ATANH_ALPHA = 1.9
+SQRT2 = math.sqrt(2.0)
+HALF_LN2 = 0.5 * math.log(2.0)
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -60,11 +62,28 @@ def modifier_factor(r: Tensor, g: Tensor, modifier: str, delta: float) -> Tensor
 
 
 def _atanh(z: Tensor) -> Tensor:
-    """atanh(z) = 0.5 log1p(2z / (1 - z)) for |z| < 1. Used instead of torch.atanh because
-    torch.compile's CPU kernels and eager ATen implement atanh differently (last-bit differences),
-    while log1p, division and the basic arithmetic agree bit for bit: the fused kernels below then
-    give exactly what the plain path gives."""
-    return 0.5 * torch.log1p(2.0 * z / (1.0 - z))
+    """atanh(z) for |z| < 1 from arithmetic, comparisons and bit operations only, so that eager
+    ATen and torch.compile's kernels (which implement atanh, log and log1p differently, or at a
+    cost inductor's CPU scheduler answers by writing the value to memory) give the same bits.
+
+    float32: 0.5 log y with y = (1+z) / (1-z) = 2^e m, m in [sqrt(1/2), sqrt(2)), is
+    e ln(2) / 2 + atanh(s) with s = (m-1) / (m+1), |s| <= 0.172 (s = z exactly when e = 0), and
+    atanh(s) = s + s^3/3 + s^5/5 + s^7/7 + s^9/9 (the next term is below 4e-10). Within 5.1 ulp
+    and 1.3e-7 of atanh on |z| <= 0.95 (tests/test_functional.py); 2.5x cheaper than log1p on the
+    CPU. float64 keeps 0.5 log1p(2z / (1 - z)) (the series would need more terms)."""
+    if z.dtype != torch.float32:
+        return 0.5 * torch.log1p(2.0 * z / (1.0 - z))
+    y = (1.0 + z) / (1.0 - z)
+    bits = y.view(torch.int32)
+    e = (bits >> 23) - 127  # y = 2^e m, m in [1, 2): y > 0 and normal for |z| < 1 - 2^-24
+    m = ((bits & 0x007FFFFF) | 0x3F800000).view(torch.float32)
+    high = m > SQRT2
+    m = torch.where(high, m * 0.5, m)
+    e = torch.where(high, e + 1, e)
+    s = torch.where(e == 0, z, (m - 1.0) / (m + 1.0))
+    s2 = s * s
+    series = s + s * s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9))))
+    return e.to(torch.float32) * HALF_LN2 + series
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -136,6 +136,50 @@ def test_modifier_factor_matches_reference(rng):
         F.modifier_factor(_t(r), _t(g), "ewsg", 0.1)
 
 
+def _ulp32(v: np.ndarray) -> np.ndarray:
+    return np.spacing(np.abs(v).astype(np.float32)).astype(np.float64)
+
+
+def test_float32_atanh_within_a_few_ulp_of_float64():
+    """The float32 atanh (bit operations and a series, `functional._atanh`) against numpy's float64
+    arctanh on every 100th float32 in [-0.95, 0.95] (the modifier's range: alpha |r| <= 0.95), the
+    reduction's branch points and zero: at most 5.1 ulp measured, asserted 6; absolute error at
+    most 1.3e-7, 10x under the log1p formula it replaced (1.2e-6 at z = -0.92)."""
+    bits = np.arange(0, np.float32(0.95).view(np.int32) + 1, 100, dtype=np.int32)
+    z = bits.view(np.float32)
+    edges = [0.95, 1 / 3, 0.171572875, 0.1716, np.sqrt(2) - 1, 1e-30, 1e-8, 2.0**-126, 0.0]
+    z = np.concatenate([z, np.float32(edges)])
+    z = np.concatenate([z, -z])
+    got = F._atanh(torch.from_numpy(z)).double().numpy()
+    want = np.arctanh(z.astype(np.float64))
+    err = np.abs(got - want)
+    nonzero = want != 0
+    assert (err[nonzero] / _ulp32(want[nonzero])).max() <= 6.0
+    assert err.max() <= 1.3e-7
+    assert np.all(got[~nonzero] == 0.0) and np.all(np.sign(got) == np.sign(want))
+
+
+@pytest.mark.parametrize("delta,max_ulp", [(5e-3, 0.75), (0.3, 1.25), (1.0, 2.5)])
+def test_float32_atanh_factor_within_an_ulp_or_two(delta, max_ulp, rng):
+    """What the modifier needs: its float32 factor 1 + delta sign(g) norm atanh(alpha r) near the
+    float64 reference for r across [-1/2, 1/2]. Measured 0.51, 1.05 and 2.14 ulp for delta 5e-3,
+    0.3 and 1 (the float32 products round too); the log1p formula it replaced: 0.52, 2.2, 6.3."""
+    r = np.concatenate([rng.uniform(-0.5, 0.5, 200_000), [-0.5, -0.25, 0.0, 0.25, 0.5]]).astype(np.float32)
+    g = np.where(rng.uniform(size=r.size) < 0.5, -1.0, 1.0).astype(np.float32)
+    got = F.modifier_factor(torch.from_numpy(r), torch.from_numpy(g), "atanh", delta).double().numpy()
+    want = 1.0 + delta * g * (0.5 / math.atanh(F.ATANH_ALPHA / 2)) * np.arctanh(
+        np.float32(F.ATANH_ALPHA) * r.astype(np.float64))
+    assert (np.abs(got - want) / _ulp32(want)).max() <= max_ulp
+
+
+def test_float32_atanh_compiles_to_the_same_bits():
+    """torch.compile (inductor, dynamic shapes as in mixq._kernels) gives the eager bits."""
+    z = torch.linspace(-0.95, 0.95, 400_001, dtype=torch.float32)
+    compiled = torch.compile(F._atanh, dynamic=True, fullgraph=True)
+    assert torch.equal(compiled(z), F._atanh(z))
+    assert torch.equal(compiled(z[:1001]), F._atanh(z[:1001]))  # a second, smaller size
+
+
 def test_pow2_ste_forward_and_chain_rule(rng):
     s = np.concatenate([rng.uniform(1e-4, 2.0, 50), [0.25, 0.3, 2.0**-12]])
     st = _t(s, True)
