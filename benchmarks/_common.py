@@ -235,7 +235,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     mixq_inductor | torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's default kernel
     settings; mixq_ste is mixq with both rounding-gradient modifiers off (plain straight-through
     estimator, what the EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations
-    instead of ATanh (what ATanh's log1p costs under inductor); mixq_triton and mixq_inductor turn
+    instead of ATanh (what ATanh costs over EWGS); mixq_triton and mixq_inductor turn
     the fused quantizer kernels on for CUDA too, with the hand-written Triton kernels
     (mixq._triton) or the inductor-compiled ones (eager mode; compiled mode traces the plain ops
     either way).
