@@ -76,7 +76,7 @@ def _atanh(z: Tensor) -> Tensor:
         return 0.5 * torch.log1p(2.0 * z / (1.0 - z))
     y = (1.0 + z) / (1.0 - z)
     bits = y.view(torch.int32)
-    e = (bits >> 23) - 127  # y = 2^e m, m in [1, 2): y > 0 and normal for |z| < 1 - 2^-24
+    e = (bits >> 23) - 127  # y = 2^e m, m in [1, 2): y is positive and normal for |z| < 1
     m = ((bits & 0x007FFFFF) | 0x3F800000).view(torch.float32)
     high = m > SQRT2
     m = torch.where(high, m * 0.5, m)
