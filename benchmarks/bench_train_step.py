@@ -18,6 +18,7 @@ other estimate).
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import json
 import sys
@@ -69,9 +70,20 @@ def main(argv=None) -> int:
                         "defaults, every large tensor mapped and page-faulted anew each step")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-brevitas", action="store_true")
+    p.add_argument("--variants", default=None,
+                   help="only these variants (comma-separated; float is always run: every ratio is "
+                        "to it): float, mixq, mixq_ste, mixq_ewgs_act, mixq_triton, mixq_inductor, "
+                        "torch_lsq, brevitas")
     p.add_argument("--out", default=None,
                    help="results file stem under benchmarks/results/ (an absolute path: there)")
     a = p.parse_args(argv)
+    known = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_triton", "mixq_inductor", "torch_lsq",
+             "brevitas")
+    for name in (a.variants or "").split(",") if a.variants else ():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            p.error(f"--variants: unknown variant {name!r}; known: {', '.join(known)}"
+                    + (f" (did you mean {close[0]!r}?)" if close else ""))
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.malloc == "keep" and not host_memory.keep_freed_host_memory():
@@ -106,6 +118,8 @@ def main(argv=None) -> int:
             kinds[3:3] = ["mixq_triton", "mixq_inductor"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
             kinds.append("brevitas")
+        if a.variants:
+            kinds = [k for k in kinds if k == "float" or k in a.variants.split(",")]
         # a group is skipped when it would likely end past the budget: its estimate is the last
         # group of the same model and mode; a compiled group of a new model compiles from a cold
         # cache: the longest compiled group of its precision so far (ResNet-20 runs first and is the

@@ -7,17 +7,20 @@
 #    the device data loader (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
 # 2. bench_train_step.py on CUDA: float vs mixq (default, Triton kernels, inductor kernels) vs
 #    PyTorch's learnable fake-quant ops vs Brevitas (installed from WHEELS when given).
+# 2c. profile_step.py on CUDA: kernel time, launches and host syncs per eager step, per variant.
 # 3. NUUQ on CIFAR-10 / ResNet-20 (recipes/cifar10_resnet20_nuuq.toml): k = 4 and 3 levels at
 #    b = 8, and the uniform 4-level and ternary grids from the same float model.
 # Results land in OUT: env.txt, tests.log, kernels.log, train_step_cuda.{json,md}, bench.log,
-# cifar.log, cifar_nuuq.tgz. QUICK=1 makes part 3 a --quick smoke run (for trying the script on a CPU).
+# profile.log, profile_step_cuda.{json,md}, cifar.log, cifar_nuuq.tgz. QUICK=1 makes part 3 a --quick
+# smoke run (for trying the script on a CPU).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]}
 DATA=${2:-.data/cifar10-jpeg.tar.gz}
 WHEELS=${3:-.whl}
 T_TESTS=${T_TESTS:-75} T_QUICK=${T_QUICK:-70} T_KERNELS=${T_KERNELS:-30} T_BENCH=${T_BENCH:-195}
-T_CIFAR=${T_CIFAR:-280}
-PARTS=${PARTS:-"tests quick kernels bench cifar"}  # which parts run
+T_CIFAR=${T_CIFAR:-280} T_PROFILE=${T_PROFILE:-60}
+PARTS=${PARTS:-"tests quick kernels bench profile cifar"}  # which parts run
+BENCH_VARIANTS=${BENCH_VARIANTS:-}  # bench_train_step.py --variants (default: all)
 FMNIST=${FMNIST:-.data/fashion-mnist}  # for the quick pipeline runs
 FLOAT_CKPT=${FLOAT_CKPT:-}  # a trained float ResNet-20 for part 3 (skips its float training)
 cd "$(dirname "$0")/.."
@@ -60,10 +63,18 @@ if has bench; then
   echo "== 2b. training step"
   timeout -k 5 "$T_BENCH" python3 benchmarks/bench_train_step.py --device cuda --reps 30 --warmup 5 \
     --budget-s $((T_BENCH - 25)) --compile-estimate-s 100 --out train_step_cuda --json \
+    ${BENCH_VARIANTS:+--variants $BENCH_VARIANTS} \
     >"$OUT/bench.log" 2>&1
   grep -E "^(model|resnet20|fmnist_cnn|Traceback|[A-Za-z]*Error) " "$OUT/bench.log" | tail -40
   tail -1 "$OUT/bench.log"
   cp benchmarks/results/train_step_cuda.* "$OUT/" 2>/dev/null
+fi
+if has profile; then
+  echo "== 2c. where an eager step's time goes"
+  timeout -k 5 "$T_PROFILE" python3 benchmarks/profile_step.py --device cuda \
+    --variants float,mixq,mixq_triton,torch_lsq --out profile_step_cuda >"$OUT/profile.log" 2>&1
+  grep -B1 -A6 "^variant " "$OUT/profile.log"
+  cp benchmarks/results/profile_step_cuda.* "$OUT/" 2>/dev/null
 fi
 if has cifar; then
   echo "== 3. NUUQ on CIFAR-10"

@@ -28,7 +28,7 @@ import mixq.functional as F
 from mixq import QuantConfig, _kernels, models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_speed_paths import _bits, _case, _sum_bound  # noqa: E402
+from test_speed_paths import _bits, _case, _prepared_model, _sum_bound, _training_step  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 F32 = torch.float32
@@ -169,6 +169,27 @@ def test_prepared_model_compiles_fullgraph_cuda():
     for a, b in zip(got[1], want[1], strict=True):
         cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
         assert cosine > 0.99, float(cosine)
+
+
+@CUDA
+@pytest.mark.parametrize("backend", [None, "triton", "inductor"])
+def test_training_step_never_waits_for_the_gpu(backend):
+    """A whole training step on CUDA (forward, loss + size penalty, backward, clipping, SGD,
+    projection) with torch.cuda's sync debug mode set to raise: no op in it synchronizes the host
+    with the device (no .item(), no tensor from a Python number, no copy to pageable memory), so the
+    host can run ahead of the GPU. With the plain ops and with each fused-kernel backend."""
+    model, x = _prepared_model(device="cuda")
+    step = _training_step(model, x)
+    with _kernels.fast_kernels(backend is not None, min_numel=0, devices=("cpu", "cuda"),
+                               cuda_backend=backend or "triton"):
+        step()  # compiles the kernels and builds the caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
 
 
 if __name__ == "__main__":  # the interpreter run: CPU tensors through Triton's interpreter

@@ -223,12 +223,12 @@ def test_batched_project_and_clip_equal_per_quantizer(batched):
         assert torch.equal(_bits(x), _bits(y))
 
 
-def _prepared_model(act_modifier: str = "atanh"):
+def _prepared_model(act_modifier: str = "atanh", device: str = "cpu"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(16, 10))
-    x = torch.randn(8, 3, 12, 12)
+                          nn.Flatten(), nn.Linear(16, 10)).to(device)
+    x = torch.randn(8, 3, 12, 12, device=device)
     config = QuantConfig()
     config = QuantConfig(act=config.act.replace(modifier=act_modifier))
     mixq.prepare_(model, config, example_input=x)
@@ -378,19 +378,13 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_step_reads_nothing_back_to_the_host():
-    """One real training step of mixq.train (forward, loss + size penalty, backward, clipping, SGD,
-    projection) calls no op that moves a value between host and device: no .item() / float() /
-    bool() of a tensor (aten._local_scalar_dense: a CUDA sync) and no tensor built from Python
-    numbers (aten.lift_fresh: a host-to-device copy, which also waits for the stream). Checked on
-    the CPU through the dispatcher, so it holds for the CUDA step too. The plain ops: the fused
-    kernels are fullgraph-compiled functions, in which such an op cannot occur (and dynamo does not
-    run under a dispatch mode)."""
+def _training_step(model, x):
+    """One step of mixq.train's PhaseRunner (forward, loss + size penalty, backward, clipping, SGD,
+    projection) on `model` and the batch `x`, as a function of no arguments."""
     from mixq.recipe import PhaseConfig
     from mixq.train import PhaseRunner, make_optimizer
 
-    model, x = _prepared_model()
-    y = torch.randint(0, 10, (x.shape[0],))
+    y = torch.randint(0, 10, (x.shape[0],), device=x.device)
     account = SizeAccount(model)
     with torch.no_grad():
         wbytes = float(account()["weight_bits"]) / 8
@@ -405,10 +399,24 @@ def test_training_step_reads_nothing_back_to_the_host():
             return 1.0
 
     runner = PhaseRunner(model, phase, 0, None, Hooks(), None, penalty=penalty, account=account)
+    return lambda: runner._step(x, y, opt, qmods, True, 0.5)
+
+
+def test_training_step_reads_nothing_back_to_the_host():
+    """One real training step of mixq.train (forward, loss + size penalty, backward, clipping, SGD,
+    projection) calls no op that moves a value between host and device: no .item() / float() /
+    bool() of a tensor (aten._local_scalar_dense: a CUDA sync) and no tensor built from Python
+    numbers (aten.lift_fresh: a host-to-device copy, which also waits for the stream). Checked on
+    the CPU through the dispatcher, so it holds for the CUDA step too (and on CUDA itself in
+    test_cuda_kernels.py, with torch.cuda's sync debug mode). The plain ops: the fused kernels are
+    fullgraph-compiled functions, in which such an op cannot occur (and dynamo does not run under a
+    dispatch mode)."""
+    model, x = _prepared_model()
+    step = _training_step(model, x)
     with _kernels.fast_kernels(False):
-        runner._step(x, y, opt, qmods, True, 0.5)  # first step: builds the caches
+        step()  # first step: builds the caches
         log = _OpLog()
         with log:
-            runner._step(x, y, opt, qmods, True, 0.5)
+            step()
     assert len(log.names) > 50  # the mode saw the step
     assert not HOST_OPS & set(log.names), sorted(HOST_OPS & set(log.names))
