@@ -231,14 +231,14 @@ _MODIFIERS = {"mixq_ste": ("ste", "ste"), "mixq_ewgs_act": ("ewgs", "ewgs")}
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
-    """One training-step variant. kind: float | mixq | mixq_ste | mixq_ewgs_act | mixq_triton |
-    mixq_inductor | torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's default kernel
-    settings; mixq_ste is mixq with both rounding-gradient modifiers off (plain straight-through
-    estimator, what the EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations
-    instead of ATanh (what ATanh costs over EWGS); mixq_triton and mixq_inductor turn
-    the fused quantizer kernels on for CUDA too, with the hand-written Triton kernels
-    (mixq._triton) or the inductor-compiled ones (eager mode; compiled mode traces the plain ops
-    either way).
+    """One training-step variant. kind: float | mixq | mixq_ste | mixq_ewgs_act | mixq_plain |
+    mixq_triton | mixq_inductor | torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's
+    default kernel settings (on CUDA: the hand-written Triton kernels of mixq._triton); mixq_ste is
+    mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
+    EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations instead of ATanh (what
+    ATanh costs over EWGS); mixq_plain keeps CUDA tensors on the plain ops (the default before
+    2026-11-27), mixq_triton and mixq_inductor pick the CUDA backend of the fused kernels (eager
+    mode; compiled mode traces the plain ops either way).
 
     float and torch_lsq: forward, cross-entropy (label smoothing 0.1), backward, SGD step. mixq: the
     real step of mixq.train.PhaseRunner: with `penalty`, SizeAccount + BudgetPenalty (weight budget
@@ -251,7 +251,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     phase = PhaseConfig(name=kind, penalty=penalty and is_mixq, quantizers="learned")
     note = ""
     account = pen = None
-    kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor"}.get(kind)
+    kernels = {"mixq_triton": "triton", "mixq_inductor": "inductor", "mixq_plain": "plain"}.get(kind)
     if is_mixq:
         config = QuantConfig()
         w_mod, a_mod = _MODIFIERS.get(kind, (config.weight.modifier, config.act.modifier))
@@ -284,8 +284,9 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
 
     def step(xb, yb):
         if is_mixq:
-            settings = (_kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels)
-                        if kernels else contextlib.nullcontext())
+            settings = (contextlib.nullcontext() if not kernels else
+                        _kernels.fast_kernels(True, devices=("cpu",)) if kernels == "plain" else
+                        _kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels))
             with settings, _autocast(device, amp):
                 # PhaseRunner._step: forward, loss (+ penalty), backward, clip, step, project
                 runner._step(xb, yb, opt, qmods, True, 0.5)

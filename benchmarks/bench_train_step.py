@@ -72,13 +72,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-brevitas", action="store_true")
     p.add_argument("--variants", default=None,
                    help="only these variants (comma-separated; float is always run: every ratio is "
-                        "to it): float, mixq, mixq_ste, mixq_ewgs_act, mixq_triton, mixq_inductor, "
+                        "to it): float, mixq, mixq_ste, mixq_ewgs_act, mixq_plain, mixq_triton, "
+                        "mixq_inductor, "
                         "torch_lsq, brevitas")
     p.add_argument("--out", default=None,
                    help="results file stem under benchmarks/results/ (an absolute path: there)")
     a = p.parse_args(argv)
-    known = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_triton", "mixq_inductor", "torch_lsq",
-             "brevitas")
+    known = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton", "mixq_inductor",
+             "torch_lsq", "brevitas")
     for name in (a.variants or "").split(",") if a.variants else ():
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         group = dict(model=model_name, device=device, mode=mode, precision=precision)
         kinds = ["float", "mixq", "mixq_ste", "mixq_ewgs_act", "torch_lsq"]
         if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
-            kinds[3:3] = ["mixq_triton", "mixq_inductor"]
+            kinds[3:3] = ["mixq_plain", "mixq_inductor"]  # mixq itself runs Triton there
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
             kinds.append("brevitas")
         if a.variants:
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
             summary[f"{key}_ratio_ci95"] = [round(b, 4) for b in result["mixq"]["rep_ratio_ci95"]]
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
-            for other in ("mixq_ste", "mixq_ewgs_act", "torch_lsq", "mixq_triton", "mixq_inductor"):
+            for other in ("mixq_ste", "mixq_ewgs_act", "torch_lsq", "mixq_plain", "mixq_triton",
+                          "mixq_inductor"):
                 if other in result:
                     summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
                     if result[other]["peak_ratio"]:

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]
 # 1. CUDA tests: Triton and inductor quantizer kernels against the plain ops, fullgraph compile,
 #    the device data loader (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
-# 2. bench_train_step.py on CUDA: float vs mixq (default, Triton kernels, inductor kernels) vs
+# 2. bench_train_step.py on CUDA: float vs mixq (default: Triton kernels; plain ops; inductor) vs
 #    PyTorch's learnable fake-quant ops vs Brevitas (installed from WHEELS when given).
 # 2c. profile_step.py on CUDA: kernel time, launches and host syncs per eager step, per variant.
 # 3. NUUQ on CIFAR-10 / ResNet-20 (recipes/cifar10_resnet20_nuuq.toml): k = 4 and 3 levels at
@@ -72,7 +72,7 @@ fi
 if has profile; then
   echo "== 2c. where an eager step's time goes"
   timeout -k 5 "$T_PROFILE" python3 benchmarks/profile_step.py --device cuda \
-    --variants float,mixq,mixq_triton,torch_lsq --out profile_step_cuda >"$OUT/profile.log" 2>&1
+    --variants float,mixq,mixq_plain,torch_lsq --out profile_step_cuda >"$OUT/profile.log" 2>&1
   grep -B1 -A6 "^variant " "$OUT/profile.log"
   cp benchmarks/results/profile_step_cuda.* "$OUT/" 2>/dev/null
 fi

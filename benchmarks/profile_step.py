@@ -7,7 +7,7 @@ with the most self device time. On CUDA, a step whose wall time is far above its
 host-bound (launch overhead: fewer, fused kernels help) and one whose kernel time is far above
 float's is kernel-bound (the kernels themselves must get faster).
 
-    python benchmarks/profile_step.py --device cuda --variants float,mixq,mixq_triton --json
+    python benchmarks/profile_step.py --device cuda --variants float,mixq,mixq_plain --json
 
 Writes results/profile_step_<device>.{json,md}.
 """
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", choices=list(BATCH), default="resnet20")
-    p.add_argument("--variants", default="float,mixq,mixq_ste,mixq_triton")
+    p.add_argument("--variants", default="float,mixq,mixq_plain,torch_lsq")
     p.add_argument("--mode", choices=["eager", "compiled"], default="eager")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per variant")

@@ -14,19 +14,21 @@ dL/dscale and dL/dqmax are taken inside the kernel, in a different summation ord
 `sum`, so they agree to rounding (a few ulps), not bitwise.
 
 Used only in eager mode (under torch.compile the plain ops are traced and fused by the outer
-compiler), on the devices in `devices`, for tensors of at least `min_numel` elements (below that
-the launch overhead and a first compile are not worth it), and for the modifiers whose ops compile
+compiler), on the devices in `devices`, and on the CPU for tensors of at least `min_numel` elements
+(below that the kernel's overhead is not worth it there), and for the modifiers whose ops compile
 bit-identically (ste, ewgs, atanh, psgd; tanh and acos use tanh/sin, which inductor implements
 differently, so they stay on the plain path). If compiling fails (no C++ compiler, an unsupported
 platform) a warning is given once and that variant uses the plain path from then on.
 
-On CUDA (`devices` must list "cuda"; the default lists only "cpu") `cuda_backend` picks the
-hand-written Triton kernels of `mixq._triton` ("triton": x_hat and codes bit for bit, checked on an
-H200) or this module's inductor-compiled functions ("inductor": inductor's CUDA division is not
-correctly rounded, so codes can differ at exact rounding ties). Measured on an H200 for one call
-(`benchmarks/results/kernels_cuda_h200.md`): Triton 0.73x to 0.90x the plain ops' time, inductor
-1.10x to 1.20x; in a whole eager ResNet-20 step neither beat the plain ops then, because every call
-also synchronized the stream (fixed since, not yet re-timed), so CUDA stays off by default.
+On CUDA `cuda_backend` picks the hand-written Triton kernels of `mixq._triton` ("triton", the
+default: x_hat and codes bit for bit) or this module's inductor-compiled functions ("inductor":
+inductor's CUDA division is not correctly rounded, so codes can differ at exact rounding ties).
+Where Triton is missing, or for float64, CUDA tensors take the plain ops. On CUDA the kernels take
+tensors of any size: an eager step there is bound by the host launching kernels, and a quantizer
+call is one or two Triton launches against about 8 plain ops forward and 25 backward. Measured on
+an H100, eager ResNet-20 step (`benchmarks/results/train_step_cuda_h100.md`): 2.94x float with the
+Triton kernels against 3.39x with the plain ops (fp32), 3.45x against 3.78x and 1.26x against 2.21x
+the peak memory (bf16); inductor's kernels 7.4x (fp32). `devices=("cpu",)` turns CUDA off.
 
 A quantized layer also asks the forward kernel for the 8-bit codes of x_hat (same pass) and saves
 those for its backward instead of x_hat (see `saved_code_hooks`): a quarter of the memory, rebuilt
@@ -56,7 +58,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _settings = {
     "enabled": os.environ.get("MIXQ_FAST_KERNELS", "1") != "0",
     "min_numel": int(os.environ.get("MIXQ_FAST_MIN_NUMEL", 1 << 15)),
-    "devices": ("cpu",),
+    "devices": ("cpu", "cuda"),
     "pack_saved": os.environ.get("MIXQ_PACK_SAVED", "1") != "0",
     "cuda_backend": os.environ.get("MIXQ_CUDA_BACKEND", "triton"),
 }
@@ -167,18 +169,18 @@ class UniformKernel:
         return t.view(permuted).permute(_inverse(self.perm))
 
     def forward(self, x: Tensor, scale: Tensor, qmax: Tensor) -> Tensor:
-        s, q = scale.reshape(1, -1, 1), qmax.reshape(1, -1, 1)
-        return self._unview(self._run(self.key, self.fwd, self._view(x), s, q), x)
+        s, q = _slice_params(scale), _slice_params(qmax)
+        return self._unview(self._run(self.key, self.fwd, self._view(x.detach()), s, q), x)
 
     def forward_codes(self, x: Tensor, scale: Tensor, qmax: Tensor):
         """x_hat and its codes (int8 signed, uint8 unsigned; viewed as (A, S, B)), one pass."""
-        s, q = scale.reshape(1, -1, 1), qmax.reshape(1, -1, 1)
-        x_hat, codes = self._run(self.key, self.fwd_codes, self._view(x), s, q)
+        s, q = _slice_params(scale), _slice_params(qmax)
+        x_hat, codes = self._run(self.key, self.fwd_codes, self._view(x.detach()), s, q)
         return self._unview(x_hat, x), codes
 
     def backward(self, x: Tensor, g: Tensor, scale: Tensor, qmax: Tensor):
-        s, q = scale.reshape(1, -1, 1), qmax.reshape(1, -1, 1)
-        grad_x, g_s, g_q = self._run(self.key, self.bwd, self._view(x), self._view(g), s, q)
+        s, q = _slice_params(scale), _slice_params(qmax)
+        grad_x, g_s, g_q = self._run(self.key, self.bwd, self._view(x.detach()), self._view(g), s, q)
         return self._unview(grad_x, x), g_s.view(scale.shape), g_q.view(qmax.shape)
 
     @staticmethod
@@ -197,6 +199,14 @@ class UniformKernel:
             raise KernelFallback from err
 
 
+def _slice_params(p: Tensor) -> Tensor:
+    """Per-slice parameters as the (1, S, 1) input of a compiled kernel: detached, and copied when
+    they are a view into a larger tensor (`batched.shared_steps`). Dynamo guards on requires_grad
+    and specializes a storage offset of 0 or 1, so either would compile the kernel anew."""
+    p = p.detach()
+    return (p.clone() if p.storage_offset() else p).reshape(1, -1, 1)
+
+
 class KernelFallback(Exception):
     """Raised by a kernel whose compilation failed; the caller runs the plain ops instead."""
 
@@ -211,8 +221,10 @@ def _inverse(perm):
 def _applies(x: Tensor) -> bool:
     """Whether the fast path may take tensor `x`: enabled, large enough, on a listed device, a float
     dtype it compiles for, and not already inside torch.compile (which fuses the plain ops itself)."""
-    return (_settings["enabled"] and x.numel() >= _settings["min_numel"] and x.dtype in _FLOATS
-            and x.device.type in _settings["devices"] and not torch.compiler.is_compiling())
+    device = x.device.type
+    return (_settings["enabled"] and (device != "cpu" or x.numel() >= _settings["min_numel"])
+            and x.dtype in _FLOATS and device in _settings["devices"]
+            and not torch.compiler.is_compiling())
 
 
 def _triton_interpret() -> bool:
@@ -247,6 +259,8 @@ def uniform_kernel(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool, modifie
         tkey = (*key, "triton")
         if _triton.available() and tkey not in _failed_keys and _triton.TritonUniformKernel.fits((a, s, b)):
             return _triton.TritonUniformKernel(tkey, (a, s, b), perm, signed, modifier, delta)
+    if x.device.type == "cuda" and _settings["cuda_backend"] != "inductor":
+        return None  # no Triton (or float64, or too long a slice): the plain ops
     if key in _failed_keys:
         return None
     if key not in _compiled:
@@ -327,6 +341,11 @@ def saved_code_hooks(x_hat: Tensor, step: Tensor, signed: bool, slot: CodeSlot |
     None where that does not apply (settings, small tensors, no grad, under torch.compile)."""
     if not _applies(x_hat) or not _settings.get("pack_saved", True) or not x_hat.requires_grad:
         return None
+    if x_hat.device.type == "cuda":  # inductor's CUDA code for packing is Triton
+        from . import _triton
+
+        if not _triton.available():
+            return None
     layout = _layout(x_hat, step, step)
     if layout is None:
         return None
@@ -337,8 +356,7 @@ def saved_code_hooks(x_hat: Tensor, step: Tensor, signed: bool, slot: CodeSlot |
         return None
     pack_fn, unpack_fn = _code_fns(key)
     view = UniformKernel(key, (None, None, None), (a, s_count, b), perm)
-    step = step.detach()
-    s3 = step.reshape(1, -1, 1)
+    s3 = _slice_params(step)
     ref = [x_hat, slot.codes if slot is not None and slot.x_hat is x_hat else None]
 
     def pack(t):

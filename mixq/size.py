@@ -79,7 +79,8 @@ def _site_bits(quants, cache: dict) -> Tensor:
     costs a few ops per group instead of a few per quantizer. Sites come grouped, not in order.
     `cache` keeps the slice-to-site index of each group on its device (built once, no host copy
     per step)."""
-    from .quantizers import UniformQuantizer, batch_small_ops
+    from .batched import batch_small_ops
+    from .quantizers import UniformQuantizer
 
     groups: dict[tuple, list] = {}
     parts = []
@@ -94,7 +95,10 @@ def _site_bits(quants, cache: dict) -> Tensor:
             parts += [q.size_bits().reshape(1) for q in qs]
             continue
         scale = torch.cat([q.scale for q in qs])
-        step = F.pow2_ste(scale) if pow2 else scale
+        if pow2 and all(q.shared_step is not None for q in qs):  # inside batched.shared_steps
+            step = torch.cat([q.shared_step for q in qs])
+        else:
+            step = F.pow2_ste(scale) if pow2 else scale
         bits = F.uniform_bits(step, torch.cat([q.qmax for q in qs]), signed, bits_min)
         per_slice = torch.cat([q.numel for q in qs]) * bits
         counts = tuple(q.scale.numel() for q in qs)

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as tF
 
+from .batched import clip_grads_all_, project_all_, shared_steps
 from .convert import quant_sites
-from .quantizers import SliceQuantizer, clip_grads_all_, project_all_
+from .quantizers import SliceQuantizer
 from .recipe import PhaseConfig
 
 
@@ -243,19 +244,20 @@ class PhaseRunner:
 
     def _step(self, x: Tensor, y: Tensor, opt, qmodules, update_q: bool, progress: float):
         phase = self.phase
-        logits = self.model(x)
-        loss = tF.cross_entropy(logits, y, label_smoothing=phase.label_smoothing)
-        if self.teacher is not None and phase.distill > 0:
-            with torch.no_grad():
-                target = self.teacher(x)
-            t = phase.distill_temperature
-            kd = tF.kl_div(tF.log_softmax(logits / t, 1), tF.log_softmax(target / t, 1),
-                           log_target=True, reduction="batchmean") * t * t
-            loss = (1 - phase.distill) * loss + phase.distill * kd
-        total = loss
-        if self.penalty is not None and update_q:
-            strength = self.hooks.ramp(progress)
-            total = loss + self.penalty(self.account(), strength)
+        with shared_steps(qmodules):  # each quantizer's step computed once, all in one batch
+            logits = self.model(x)
+            loss = tF.cross_entropy(logits, y, label_smoothing=phase.label_smoothing)
+            if self.teacher is not None and phase.distill > 0:
+                with torch.no_grad():
+                    target = self.teacher(x)
+                t = phase.distill_temperature
+                kd = tF.kl_div(tF.log_softmax(logits / t, 1), tF.log_softmax(target / t, 1),
+                               log_target=True, reduction="batchmean") * t * t
+                loss = (1 - phase.distill) * loss + phase.distill * kd
+            total = loss
+            if self.penalty is not None and update_q:
+                strength = self.hooks.ramp(progress)
+                total = loss + self.penalty(self.account(), strength)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if update_q:

@@ -91,7 +91,13 @@ def check_all(device: str, devices: tuple[str, ...], backend: str = "triton") ->
 
 def check_model_step(device: str, devices: tuple[str, ...]) -> None:
     """A prepared CNN's loss and every gradient, Triton kernels against the plain ops: the kernels
-    inside the quantized layers (8-bit codes saved for backward, BatchNorm, residual-free CNN)."""
+    inside the quantized layers (8-bit codes saved for backward, BatchNorm, residual-free CNN).
+
+    The loss is exact. A gradient may differ by the float32 rounding of dL/dx (the compiler
+    contracts multiply-adds) carried back through the layers, and a per-slice dL/dscale sums terms
+    of both signs (code - u is a rounding residual): a slice's sum can cancel to far below its terms,
+    so its error is bounded against the largest gradient of that tensor, not its own value. cuDNN
+    runs deterministic and without TF32, so that the two passes differ by the kernels alone."""
     torch.manual_seed(0)
     model = models.create_model("fmnist_cnn", in_channels=1).to(device)
     x = torch.randn(8, 1, 28, 28, device=device)
@@ -99,19 +105,26 @@ def check_model_step(device: str, devices: tuple[str, ...]) -> None:
     mixq.prepare_(model, QuantConfig(), example_input=x[:2])
     mixq.calibrate_(model, [x])
     results = []
-    for backend in ("triton", None):
-        model.zero_grad(set_to_none=True)
-        with _kernels.fast_kernels(backend is not None, min_numel=0, devices=devices,
-                                   cuda_backend=backend or "triton"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                         if p.grad is not None}))
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
+    try:
+        for backend in ("triton", None):
+            model.zero_grad(set_to_none=True)
+            with _kernels.fast_kernels(backend is not None, min_numel=0, devices=devices,
+                                       cuda_backend=backend or "triton"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None}))
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = flags
     (loss_t, grads_t), (loss_p, grads_p) = results
     assert torch.equal(loss_t, loss_p)  # the forward is exact
     assert grads_t.keys() == grads_p.keys() and len(grads_t) > 10
-    for name in grads_p:
-        torch.testing.assert_close(grads_t[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, want in grads_p.items():
+        torch.testing.assert_close(grads_t[name], want, rtol=1e-4, atol=1e-3 * float(want.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU wheel of PyTorch)")
@@ -167,8 +180,24 @@ def test_prepared_model_compiles_fullgraph_cuda():
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
     assert len(got[1]) == len(want[1]) > 10
     for a, b in zip(got[1], want[1], strict=True):
+        if not b.any():  # e.g. the qmax gradient of a weight quantizer that clips nothing
+            assert not a.any(), f"eager gives a zero gradient, compiled max |g| {float(a.abs().max())}"
+            continue
         cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
         assert cosine > 0.99, float(cosine)
+
+
+@CUDA
+def test_cuda_default_is_the_triton_kernel_at_any_size():
+    """The default settings send CUDA tensors of every size to the Triton kernels (an eager CUDA step
+    is launch-bound) and float64 to the plain ops; CPU tensors keep the size threshold."""
+    for numel in (10, 1 << 20):
+        x = torch.randn(numel, device="cuda")
+        s, q = torch.full((), 0.1, device="cuda"), torch.full((), 1.0, device="cuda")
+        kernel = _kernels.uniform_kernel(x, s, q, True, "atanh", 5e-3)
+        assert type(kernel).__name__ == "TritonUniformKernel", (numel, kernel)
+    assert _kernels.uniform_kernel(x.double(), s.double(), q.double(), True, "atanh", 5e-3) is None
+    assert _kernels.uniform_kernel(torch.randn(10), s.cpu(), q.cpu(), True, "atanh", 5e-3) is None
 
 
 @CUDA

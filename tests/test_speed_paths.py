@@ -10,6 +10,7 @@ are sums that the kernel takes in its own order: they must agree to the rounding
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -18,12 +19,12 @@ import torch
 from torch import nn
 
 import mixq
+import mixq.batched
 import mixq.functional as F
-import mixq.quantizers
 from mixq import QuantConfig, QuantizerConfig, UniformQuantizer, _kernels
+from mixq.batched import clip_grads_all_, project_all_
 from mixq.budget import BudgetPenalty, Budgets
 from mixq.layers import QConv2d
-from mixq.quantizers import clip_grads_all_, project_all_
 from mixq.size import SizeAccount
 
 # (x shape, parameter shape): per tensor (0-d and 4-d parameters, 2-d linear input), per output
@@ -205,8 +206,42 @@ def _state(qs):
 
 @pytest.fixture
 def batched(monkeypatch):
-    """Batch the small per-slice ops whatever the thread count (see quantizers.batch_small_ops)."""
-    monkeypatch.setattr(mixq.quantizers, "batch_small_ops", lambda device, numel: True)
+    """Batch the small per-slice ops whatever the thread count (see batched.batch_small_ops)."""
+    monkeypatch.setattr(mixq.batched, "batch_small_ops", lambda device, numel: True)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_shared_steps_give_the_same_step(batched, fast):
+    """A training step's forward and size penalty inside `shared_steps` (each power-of-two step
+    computed once for all quantizers) give the loss bit for bit and every gradient to float32
+    rounding (a step's uses now sum their gradients before the chain rule multiplies by
+    d step / d scale, not after), and compute the steps once instead of at every use."""
+    from mixq.batched import shared_steps
+
+    model, x = _prepared_model()
+    qmods = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
+    account = SizeAccount(model)
+
+    def step(shared: bool):
+        model.zero_grad(set_to_none=True)
+        penalty = BudgetPenalty(Budgets(weight_bytes=100.0, act_sum_bytes=100.0))  # fresh state
+        log = _OpLog()  # (dynamo compiles nothing under a dispatch mode: not with the kernels)
+        with _kernels.fast_kernels(fast, min_numel=0):
+            with contextlib.nullcontext() if fast else log:
+                with shared_steps(qmods) if shared else contextlib.nullcontext():
+                    loss = model(x * 3).square().mean() + penalty(account(), 1.0)
+            loss.backward()
+        assert all(q.shared_step is None for q in qmods)  # nothing outlives the context
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], log.names.count("exp2")
+
+    want, got = step(False), step(True)
+    assert torch.equal(_bits(got[0]), _bits(want[0]))
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-9)
+    # 2^round(log2 scale) of 3 weight and 3 activation quantizers, used in forward, the saved
+    # codes, the bias grid and the size account: once in all (one device, one dtype) when shared
+    if not fast:
+        assert got[2] == 1 and want[2] > 6, (got[2], want[2])
 
 
 def test_batched_project_and_clip_equal_per_quantizer(batched):
@@ -388,7 +423,7 @@ def _training_step(model, x):
     account = SizeAccount(model)
     with torch.no_grad():
         wbytes = float(account()["weight_bits"]) / 8
-    penalty = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes, act_sum_bytes=1.0))
+    penalty = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes, act_sum_bytes=1.0)).to(x.device)
     phase = PhaseConfig(name="qat", penalty=True, quantizers="learned")
     opt = make_optimizer(model, phase)
     qmods = account.weights + account.acts
