@@ -17,7 +17,7 @@ set -u
 OUT=${1:?usage: gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]}
 DATA=${2:-.data/cifar10-jpeg.tar.gz}
 WHEELS=${3:-.whl}
-T_TESTS=${T_TESTS:-75} T_QUICK=${T_QUICK:-70} T_KERNELS=${T_KERNELS:-30} T_BENCH=${T_BENCH:-195}
+T_TESTS=${T_TESTS:-150} T_QUICK=${T_QUICK:-70} T_KERNELS=${T_KERNELS:-30} T_BENCH=${T_BENCH:-195}
 T_CIFAR=${T_CIFAR:-280} T_PROFILE=${T_PROFILE:-60}
 PARTS=${PARTS:-"tests quick kernels bench profile cifar"}  # which parts run
 BENCH_VARIANTS=${BENCH_VARIANTS:-}  # bench_train_step.py --variants (default: all)
@@ -38,7 +38,9 @@ tail -1 "$OUT/env.txt"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then
   echo "== 1. CUDA tests"
-  timeout -k 5 "$T_TESTS" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+  # -v: each test's name and result as it ends, so a run cut by its time limit still says which
+  # test failed (the H100 session of 2026-11-27 lost one that way)
+  timeout -k 5 "$T_TESTS" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_cuda_kernels.py \
     tests/test_data.py -k "cuda and not interpreted" >"$OUT/tests.log" 2>&1
   tail -15 "$OUT/tests.log"
 fi

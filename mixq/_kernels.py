@@ -26,9 +26,10 @@ inductor's CUDA division is not correctly rounded, so codes can differ at exact 
 Where Triton is missing, or for float64, CUDA tensors take the plain ops. On CUDA the kernels take
 tensors of any size: an eager step there is bound by the host launching kernels, and a quantizer
 call is one or two Triton launches against about 8 plain ops forward and 25 backward. Measured on
-an H100, eager ResNet-20 step (`benchmarks/results/train_step_cuda_h100.md`): 2.94x float with the
-Triton kernels against 3.39x with the plain ops (fp32), 3.45x against 3.78x and 1.26x against 2.21x
-the peak memory (bf16); inductor's kernels 7.4x (fp32). `devices=("cpu",)` turns CUDA off.
+an H100, eager ResNet-20 step, same run (`benchmarks/results/train_step_cuda_h100.md`): 2.55x float
+with the Triton kernels against 3.18x with the plain ops (fp32), 2.87x against 3.46x (bf16), and
+1.26x against 2.21x float's peak memory (bf16; the 8-bit saved codes); inductor's kernels took
+7.4x in the run before (`train_step_cuda_h100_before.md`). `devices=("cpu",)` turns CUDA off.
 
 A quantized layer also asks the forward kernel for the 8-bit codes of x_hat (same pass) and saves
 those for its backward instead of x_hat (see `saved_code_hooks`): a quarter of the memory, rebuilt

@@ -12,7 +12,8 @@ may differ in the last bits (the compiler contracts multiply-adds; partial sums 
 ATanh modifier's atanh goes through `tl.log`, where the plain path builds it from bit operations,
 `functional._atanh`: the two agree to about 1e-7, which the factor 1 + delta ... scales down).
 
-Chosen by `mixq._kernels.set_fast_kernels(cuda_backend="triton")` (or MIXQ_CUDA_BACKEND=triton);
+The default for CUDA tensors in eager mode (`mixq._kernels`; `cuda_backend="inductor"` or
+MIXQ_CUDA_BACKEND=inductor picks the other backend, `devices=("cpu",)` the plain ops);
 `available()` is false without Triton, and the kernels also run under TRITON_INTERPRET=1 on CPU
 tensors (how the tests check them on a machine without a GPU).
 """

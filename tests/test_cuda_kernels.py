@@ -7,10 +7,14 @@ CUDA device when there is one, and through Triton's interpreter on CPU tensors (
 TRITON_INTERPRET=1) where Triton is installed; skipped where it is not (the CPU wheel of PyTorch does
 not bring it). On CUDA also: the inductor-compiled kernels (the other CUDA backend; its division is
 not correctly rounded, so x_hat is exact only away from rounding ties), and a prepared model's
-forward and backward under torch.compile(fullgraph=True) with inductor against eager. Seen on an
-H200 (torch 2.11, Triton 3.6): the Triton tests pass; the inductor and fullgraph tests failed in
-their first, stricter form (bitwise x_hat; elementwise gradients with TF32 on) and were relaxed as
-written here, not yet re-run on a GPU.
+forward and backward under torch.compile(fullgraph=True) with inductor against eager, the default
+backend choice, and a whole training step under torch.cuda's sync debug mode. Seen on an H100
+(2026-11-27, torch 2.11, Triton 3.6, commit 205a706): the Triton and inductor kernel tests pass (the
+model step once its tolerance allowed for cancelling slice sums and cuDNN ran deterministic), the
+default-backend test and the sync-free step with the plain ops and with Triton pass; the fullgraph
+test failed (in the first run with a cosine of 0.0, a gradient that is zero on one side; the second
+run was cut by its time limit before pytest printed why: the test now lists every disagreeing
+gradient), and the sync-free step with inductor's kernels and the data tests did not run in time.
 """
 
 from __future__ import annotations
@@ -164,7 +168,8 @@ def test_prepared_model_compiles_fullgraph_cuda():
         model.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(fn(x), y)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        grads = [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+        return loss.detach(), grads
 
     # TF32 convolutions (cuDNN's default) differ between eager's and inductor's algorithms by ~1e-3,
     # and 8-bit activation codes then round differently downstream: compare in full float32, and
@@ -179,12 +184,18 @@ def test_prepared_model_compiles_fullgraph_cuda():
         torch._dynamo.reset()
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
     assert len(got[1]) == len(want[1]) > 10
-    for a, b in zip(got[1], want[1], strict=True):
+    bad = []  # every disagreeing gradient, reported together (a GPU session is short)
+    for (name, a), (_, b) in zip(got[1], want[1], strict=True):
         if not b.any():  # e.g. the qmax gradient of a weight quantizer that clips nothing
-            assert not a.any(), f"eager gives a zero gradient, compiled max |g| {float(a.abs().max())}"
+            if a.any():
+                bad.append(f"{name}: zero in eager, max |g| {float(a.abs().max()):.3g} compiled")
             continue
-        cosine = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
-        assert cosine > 0.99, float(cosine)
+        cosine = float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
+                                                             dim=0))
+        if not cosine > 0.99:
+            bad.append(f"{name} {tuple(b.shape)}: cosine {cosine:.4f}, |eager| {float(b.norm()):.3g}, "
+                       f"|compiled| {float(a.norm()):.3g}")
+    assert not bad, "\n".join(bad)
 
 
 @CUDA
