@@ -7,7 +7,7 @@
 #    the device data loader (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
 # 2. bench_train_step.py on CUDA: float vs mixq (default: Triton kernels; plain ops; inductor) vs
 #    PyTorch's learnable fake-quant ops vs Brevitas (installed from WHEELS when given).
-# 2c. profile_step.py on CUDA: kernel time, launches and host syncs per eager step, per variant.
+# 2c. profile_step.py on CUDA: kernel time, launches, host syncs and the host's Python per eager step.
 # 3. NUUQ on CIFAR-10 / ResNet-20 (recipes/cifar10_resnet20_nuuq.toml): k = 4 and 3 levels at
 #    b = 8, and the uniform 4-level and ternary grids from the same float model.
 # Results land in OUT: env.txt, tests.log, kernels.log, train_step_cuda.{json,md}, bench.log,
@@ -74,7 +74,7 @@ fi
 if has profile; then
   echo "== 2c. where an eager step's time goes"
   timeout -k 5 "$T_PROFILE" python3 benchmarks/profile_step.py --device cuda \
-    --variants float,mixq,mixq_plain,torch_lsq --out profile_step_cuda >"$OUT/profile.log" 2>&1
+    --variants float,mixq,mixq_plain,torch_lsq --host --out profile_step_cuda >"$OUT/profile.log" 2>&1
   grep -B1 -A6 "^variant " "$OUT/profile.log"
   cp benchmarks/results/profile_step_cuda.* "$OUT/" 2>/dev/null
 fi

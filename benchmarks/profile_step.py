@@ -3,7 +3,8 @@
 For each variant of `bench_train_step.py` (float, mixq, ...), a few steps under torch.profiler, after
 warm-up: the step's wall time, the summed device time of its kernels (CUDA) or of its operators
 (CPU), the number of kernels launched per step, the host time spent in launches, and the operators
-with the most self device time. On CUDA, a step whose wall time is far above its kernel time is
+with the most self device time; with `--host`, also the Python functions with the most own host time
+(cProfile). On CUDA, a step whose wall time is far above its kernel time is
 host-bound (launch overhead: fewer, fused kernels help) and one whose kernel time is far above
 float's is kernel-bound (the kernels themselves must get faster).
 
@@ -15,7 +16,9 @@ Writes results/profile_step_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -64,6 +67,26 @@ def profile_variant(v, x, y, steps: int, top: int) -> dict:
                                              for k, ms, c in top_ops]}
 
 
+def host_profile(v, x, y, steps: int, top: int) -> list[dict]:
+    """The Python functions that take the host's time in a step (cProfile, own time per step): where
+    a host-bound step's time goes, which torch.profiler's operator view does not show."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        v.step(x, y)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    rows = []
+    for (path, line, func), (_, calls, own_s, cum_s, _) in pstats.Stats(prof).stats.items():
+        where = "/".join(Path(path).parts[-2:]) + f":{line}" if line else path
+        rows.append({"function": f"{where}({func})", "own_ms": own_s * 1e3 / steps,
+                     "cum_ms": cum_s * 1e3 / steps, "calls": calls / steps})
+    rows.sort(key=lambda r: -r["own_ms"])
+    return [{k: round(val, 3) if isinstance(val, float) else val for k, val in r.items()}
+            for r in rows[:top]]
+
+
 def render(results: list[dict], device: str) -> str:
     lines = [f"{'variant':14s} {'wall ms':>8s} {'kernel ms':>9s} {'launches':>8s} {'launch ms':>9s} "
              f"{'syncs':>5s}"]
@@ -78,6 +101,10 @@ def render(results: list[dict], device: str) -> str:
         what = "self device time" if device == "cuda" else "self CPU time"
         lines += ["", f"{r['variant']}: top operators by {what} per step"]
         lines += [f"  {t['ms']:8.3f} ms  {t['calls']:6.1f} calls  {t['op'][:90]}" for t in r["top"]]
+        if r.get("host"):
+            lines += ["", f"{r['variant']}: Python functions by own host time per step (cProfile)"]
+            lines += [f"  {t['own_ms']:8.3f} ms own {t['cum_ms']:9.3f} ms cum {t['calls']:7.1f} calls  "
+                      f"{t['function'][:80]}" for t in r["host"]]
     return "\n".join(lines)
 
 
@@ -92,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--host", action="store_true",
+                   help="also profile the host's Python per step (cProfile): what a host-bound step spends")
     p.add_argument("--json", action="store_true", help="print the results JSON as the last line")
     p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     a = p.parse_args(argv)
@@ -108,6 +137,8 @@ def main(argv=None) -> int:
             continue
         warm_up([v], x, y, a.warmup)
         results.append(profile_variant(v, x, y, a.steps, a.top))
+        if a.host:
+            results[-1]["host"] = host_profile(v, x, y, a.steps, a.top)
         print(f"{kind}: {results[-1]['wall_ms']:.1f} ms per step", flush=True)
         del v
         torch._dynamo.reset()
