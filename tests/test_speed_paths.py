@@ -115,6 +115,30 @@ def test_fused_kernel_matches_plain_path(layout, signed, modifier, dtype):
 
 
 @pytest.mark.compile
+def test_fused_kernel_compiles_once_for_views_and_grad_modes():
+    """Parameters that are views at offsets 0, 1 and more into one tensor that requires grad (what
+    `shared_steps` hands out) and inputs with and without requires_grad run one compiled forward and
+    one compiled backward: dynamo specializes storage offsets 0 and 1 and guards on requires_grad,
+    so without `_kernels._slice_params` these compile anew (in the full test suite until the
+    recompile limit turned the fast path off)."""
+    from torch._dynamo.utils import counters
+
+    x, scale, qmax, g = _case("tensor4d", False, torch.float32, seed=5)
+    flat = torch.rand(8, generator=torch.Generator().manual_seed(0)) * 0.1 + 0.05
+    outs = []
+    with _kernels.fast_kernels(True, min_numel=0):
+        kernel = _kernels.uniform_kernel(x, scale, qmax, False, "atanh", 5e-3)
+        kernel.forward(x, scale, qmax), kernel.backward(x, g, scale, qmax)  # compiled here
+        before = counters["stats"]["unique_graphs"]
+        for start, grad in ((0, True), (1, True), (2, False), (4, True)):
+            s = flat.clone().requires_grad_(grad)[start:start + 1].reshape(scale.shape)
+            xt = x.clone().requires_grad_(grad)
+            outs.append((kernel.forward(xt, s, qmax), kernel.backward(xt, g, s, qmax)[0]))
+        assert counters["stats"]["unique_graphs"] == before
+    assert all(o[0].shape == x.shape and o[1].shape == x.shape for o in outs)
+
+
+@pytest.mark.compile
 def test_fused_kernel_bf16_channels_last_and_grad_scale():
     """bf16 input (float32 arithmetic inside), a channels_last per-tensor site (the output keeps the
     layout), and an LSQ-style gradient scale tensor."""
