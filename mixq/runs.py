@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from . import host_memory
+from . import _kernels, host_memory
 
 
 def environment(device: torch.device) -> dict:
-    """torch, device, CPU/thread count, Python and git commit of this checkout."""
+    """torch, device, CPU/thread count, Python, git commit of this checkout, and the quantizer kernels
+    the run uses (the fused-kernel settings; on CUDA the Triton version, where it is installed)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
@@ -37,9 +38,13 @@ def environment(device: torch.device) -> dict:
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": str(device), "git_commit": commit, "git_dirty": dirty,
            "keep_freed_host_memory": host_memory.freed_host_memory_kept(),
+           "fast_kernels": {k: v for k, v in _kernels.fast_kernel_status().items() if k != "variants"},
            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        from . import _triton
+
+        env["triton"] = getattr(_triton.triton, "__version__", None) if _triton.available() else None
     return env
 
 

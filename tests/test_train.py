@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_RECIPE
 
-from mixq import host_memory
+from mixq import _kernels, host_memory
 from mixq.pipeline import CheckpointError, train_run
 from mixq.recipe import load_recipe
 from mixq.train import Interrupted, NonFiniteLoss, lr_factor
@@ -51,6 +51,8 @@ def test_main_job_runs_every_stage_and_meets_the_budget(reference_run):
     assert env["torch"] == torch.__version__ and "git_commit" in env
     # a CPU run keeps freed memory for reuse where the C library is glibc (mixq.host_memory)
     assert env["keep_freed_host_memory"] == (host_memory._glibc() is not None)
+    kernels = {k: v for k, v in _kernels.fast_kernel_status().items() if k != "variants"}
+    assert env["fast_kernels"] == json.loads(json.dumps(kernels))  # the settings the run used
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log if "stage" in r} == {0, 1, 2, 3}
     assert any(r.get("eval") and r["stage"] == 2 and "sizes" in r for r in log)
