@@ -14,7 +14,9 @@ model step once its tolerance allowed for cancelling slice sums and cuDNN ran de
 default-backend test and the sync-free step with the plain ops and with Triton pass; the fullgraph
 test failed (in the first run with a cosine of 0.0, a gradient that is zero on one side; the second
 run was cut by its time limit before pytest printed why: the test now lists every disagreeing
-gradient), and the sync-free step with inductor's kernels and the data tests did not run in time.
+gradient; a suspect to check: a per-tensor quantizer's one-element scale gradient is a sum that
+cancels, so a code flipped by BatchNorm's different float rounding in the two passes can flip its
+sign), and the sync-free step with inductor's kernels and the data tests did not run in time.
 """
 
 from __future__ import annotations
