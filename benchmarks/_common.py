@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import json
 import math
 import os
@@ -227,6 +228,17 @@ def _autocast(device: str, precision: str):
 
 # (weight, activation) rounding-gradient modifier of the mixq variants that change them
 _MODIFIERS = {"mixq_ste": ("ste", "ste"), "mixq_ewgs_act": ("ewgs", "ewgs")}
+VARIANTS = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton", "mixq_inductor",
+            "torch_lsq", "brevitas")
+
+
+def check_variants(names: list[str]) -> None:
+    """Raise ValueError naming the first unknown variant, the known ones and the closest match."""
+    for name in names:
+        if name not in VARIANTS:
+            close = difflib.get_close_matches(name, VARIANTS, n=1)
+            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
@@ -245,6 +257,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     at half the current weight size, so it is active) added to the loss; after backward the
     quantizer gradient clipping, the optimizer step, the projection of every quantizer.
     """
+    check_variants([kind])
     device = x.device.type
     model = build_model(model_name).to(x.device)
     is_mixq = kind.startswith("mixq")

@@ -18,7 +18,6 @@ other estimate).
 from __future__ import annotations
 
 import argparse
-import difflib
 import gc
 import json
 import sys
@@ -29,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import (  # noqa: E402
+    VARIANTS,
     brevitas_version,
+    check_variants,
     machine_info,
     machine_line,
     make_batch,
@@ -72,19 +73,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-brevitas", action="store_true")
     p.add_argument("--variants", default=None,
                    help="only these variants (comma-separated; float is always run: every ratio is "
-                        "to it): float, mixq, mixq_ste, mixq_ewgs_act, mixq_plain, mixq_triton, "
-                        "mixq_inductor, "
-                        "torch_lsq, brevitas")
+                        f"to it): {', '.join(VARIANTS)}")
     p.add_argument("--out", default=None,
                    help="results file stem under benchmarks/results/ (an absolute path: there)")
     a = p.parse_args(argv)
-    known = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton", "mixq_inductor",
-             "torch_lsq", "brevitas")
-    for name in (a.variants or "").split(",") if a.variants else ():
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            p.error(f"--variants: unknown variant {name!r}; known: {', '.join(known)}"
-                    + (f" (did you mean {close[0]!r}?)" if close else ""))
+    try:
+        check_variants(a.variants.split(",") if a.variants else [])
+    except ValueError as err:
+        p.error(f"--variants: {err}")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.malloc == "keep" and not host_memory.keep_freed_host_memory():
@@ -164,8 +160,7 @@ def main(argv=None) -> int:
             summary[f"{key}_ratio_ci95"] = [round(b, 4) for b in result["mixq"]["rep_ratio_ci95"]]
             if result["mixq"]["peak_ratio"]:
                 summary[f"{key}_peak_ratio"] = round(result["mixq"]["peak_ratio"], 4)
-            for other in ("mixq_ste", "mixq_ewgs_act", "torch_lsq", "mixq_plain", "mixq_triton",
-                          "mixq_inductor"):
+            for other in (k for k in VARIANTS if k not in ("float", "mixq", "brevitas")):
                 if other in result:
                     summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
                     if result[other]["peak_ratio"]:

@@ -26,7 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import machine_info, machine_line, make_batch, make_variant, warm_up, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    check_variants,
+    machine_info,
+    machine_line,
+    make_batch,
+    make_variant,
+    warm_up,
+    write_results,
+)
 from bench_train_step import BATCH  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -88,12 +96,12 @@ def host_profile(v, x, y, steps: int, top: int) -> list[dict]:
 
 
 def render(results: list[dict], device: str) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
     lines = [f"{'variant':14s} {'wall ms':>8s} {'kernel ms':>9s} {'launches':>8s} {'launch ms':>9s} "
              f"{'syncs':>5s}"]
     for r in results:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
-
         lines.append(f"{r['variant']:14s} {r['wall_ms']:8.1f} {f(r['kernel_ms'], '9.1f')} "
                      f"{f(r['launches_per_step'], '8.0f')} {f(r['launch_host_ms'], '9.1f')} "
                      f"{f(r['syncs_per_step'], '5.1f')}")
@@ -124,6 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the results JSON as the last line")
     p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     a = p.parse_args(argv)
+    try:
+        check_variants(a.variants.split(","))
+    except ValueError as err:
+        p.error(f"--variants: {err}")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch.cuda.is_available() is False here; use --device cpu")
     info = machine_info()
