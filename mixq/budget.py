@@ -84,8 +84,9 @@ class BudgetPenalty(nn.Module):
                              persistent=False)
         self.register_buffer("_lam", torch.tensor(self.lambdas), persistent=False)
 
-    def forward(self, sizes_bits: dict[str, Tensor], strength: float = 1.0) -> Tensor:
-        """The penalty (a 0-d tensor); with the PI controller, also one controller update."""
+    def forward(self, sizes_bits: dict[str, Tensor], strength: float | Tensor = 1.0) -> Tensor:
+        """The penalty (a 0-d tensor); with the PI controller, also one controller update.
+        `strength` is the ramp's factor: a number, or a 0-d device tensor (a CUDA graph's input)."""
         sizes = torch.stack([sizes_bits[f"{k}_bits"] for k in self.keys]) / (8 * self.unit)
         goal, lam = self._goal, self._lam
         factor = self._factor.copy_(torch.exp(self.log_factor)).clone()

@@ -318,7 +318,8 @@ def _run_stage(job: Job, stage: int, phase: PhaseConfig, state: dict | None, res
         torch.manual_seed(recipe.seed * 1000 + stage)
     job.show.begin(phase.name)
     runner = PhaseRunner(job.model, phase, stage, job.train, _Hooks(job, stage, phase, penalty, results),
-                         job.stop, penalty=penalty, account=job.account, teacher=job.teacher)
+                         job.stop, penalty=penalty, account=job.account, teacher=job.teacher,
+                         cuda_graphs=recipe.cuda_graphs)
     started = time.time()
     runner.run(progress, state["optimizer"] if state is not None else None)
     results.setdefault("stage_seconds", {})[phase.name] = time.time() - started

@@ -144,6 +144,9 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A whole run. cuda_graphs: on a CUDA device, each training step's forward and backward is
+    captured once as a CUDA graph and replayed (`mixq.graphs`); false keeps every step eager."""
+
     seed: int = 0
     method: str = "learned"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,9 +158,12 @@ class Recipe:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     phases: tuple[PhaseConfig, ...] = ()
     flexible: dict = field(default_factory=dict)
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.start_bits not in (None, "auto") and not isinstance(self.start_bits, int):
             raise ValueError(f"start_bits must be 'auto', an int or absent, got {self.start_bits!r}")
 

@@ -19,6 +19,7 @@ from torch.nn import functional as tF
 
 from .batched import clip_grads_all_, project_all_, shared_steps
 from .convert import quant_sites
+from .graphs import GraphedStep, graphs_available
 from .quantizers import SliceQuantizer
 from .recipe import PhaseConfig
 
@@ -167,7 +168,8 @@ class PhaseRunner:
     """Runs one phase. `hooks` are the pipeline's callbacks: `log(record)`, `evaluate() -> dict`
     (acc, sizes in bytes, budgets_met), `checkpoint(progress, optimizer)`, `save_best()`,
     `on_step(step)` (tests), `progress(step, total, text)`, `size_text()` (sizes vs budgets),
-    `ramp(progress)` (penalty strength)."""
+    `ramp(progress)` (penalty strength). `cuda_graphs`: on CUDA, replay each step's forward and
+    backward as a CUDA graph (`mixq.graphs`; the host then no longer bounds the step)."""
 
     model: nn.Module
     phase: PhaseConfig
@@ -179,6 +181,8 @@ class PhaseRunner:
     account: object = None
     teacher: nn.Module | None = None
     log_every: int = 20
+    cuda_graphs: bool = False
+    _graph: GraphedStep | None = field(default=None, init=False, repr=False)
 
     def run(self, state: PhaseProgress, optimizer_state: dict | None = None) -> PhaseProgress:
         phase, model = self.phase, self.model
@@ -243,6 +247,25 @@ class PhaseRunner:
         return state
 
     def _step(self, x: Tensor, y: Tensor, opt, qmodules, update_q: bool, progress: float):
+        """One training step: forward, loss (+ penalty), backward (replayed as a CUDA graph where
+        `cuda_graphs` allows, see `mixq.graphs`), then gradient clipping, the optimizer step and
+        the projection of the quantizer parameters. Returns (loss, correct), on the device."""
+        strength = self.hooks.ramp(progress) if self.penalty is not None and update_q else 0.0
+        graphed = self._graphed_step(x, qmodules, update_q)
+        if graphed is not None:
+            loss, correct = graphed(x, y, strength)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss, correct = self._forward_backward(x, y, qmodules, update_q, strength)
+        if update_q:
+            clip_grads_all_(qmodules)
+        opt.step()
+        if update_q:
+            project_all_(qmodules)
+        return loss, correct
+
+    def _forward_backward(self, x: Tensor, y: Tensor, qmodules, update_q: bool, strength):
+        """Forward, loss (+ the budget penalty at `strength`, a number or a 0-d tensor), backward."""
         phase = self.phase
         with shared_steps(qmodules):  # each quantizer's step computed once, all in one batch
             logits = self.model(x)
@@ -256,16 +279,22 @@ class PhaseRunner:
                 loss = (1 - phase.distill) * loss + phase.distill * kd
             total = loss
             if self.penalty is not None and update_q:
-                strength = self.hooks.ramp(progress)
                 total = loss + self.penalty(self.account(), strength)
-        opt.zero_grad(set_to_none=True)
         total.backward()
-        if update_q:
-            clip_grads_all_(qmodules)
-        opt.step()
-        if update_q:
-            project_all_(qmodules)
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _graphed_step(self, x: Tensor, qmodules, update_q: bool) -> GraphedStep | None:
+        """The CUDA graph of this phase's step, or None where the step runs eagerly: not on CUDA,
+        `cuda_graphs` off, or the quantizers learn only every `update_every` steps (their
+        requires_grad flags change between steps, which a graph cannot follow)."""
+        if not (self.cuda_graphs and graphs_available(x.device) and self.phase.update_every == 1):
+            return None
+        if self._graph is None:
+            modules = [m for m in (self.model, self.penalty, self.teacher) if m is not None]
+            self._graph = GraphedStep(
+                lambda xb, yb, strength: self._forward_backward(xb, yb, qmodules, update_q, strength),
+                modules)
+        return self._graph
 
     def _evaluate(self, state: PhaseProgress) -> None:
         result = self.hooks.evaluate()

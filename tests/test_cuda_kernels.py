@@ -34,7 +34,14 @@ import mixq.functional as F
 from mixq import QuantConfig, _kernels, models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_speed_paths import _bits, _case, _prepared_model, _sum_bound, _training_step  # noqa: E402
+from test_speed_paths import (  # noqa: E402
+    _bits,
+    _case,
+    _prepared_model,
+    _sum_bound,
+    _training_runner,
+    _training_step,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 F32 = torch.float32
@@ -232,6 +239,46 @@ def test_training_step_never_waits_for_the_gpu(backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@CUDA
+def test_cuda_graph_steps_match_eager_steps():
+    """Eight PhaseRunner steps with CUDA graphs (three eager warm-up steps on a side stream, one
+    capture, replays) leave the model where eight eager steps leave it: the same losses, parameters
+    and BatchNorm statistics, with a new batch and a new penalty strength at every step (the
+    graph's static inputs are refreshed). A replayed step does not synchronize with the host."""
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    runs = []
+    try:
+        for graphs in (False, True):
+            model, x = _prepared_model(device="cuda")
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            batches = [(torch.randn(x.shape, device="cuda", generator=gen),
+                        torch.randint(0, 10, (x.shape[0],), device="cuda", generator=gen)) for _ in range(8)]
+            step, runner = _training_runner(model, x, cuda_graphs=graphs)
+            losses = [step(xb, yb, progress=i / 8)[0] for i, (xb, yb) in enumerate(batches)]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                losses.append(step(*batches[0])[0])  # a replay (graphs) under the sync check
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            state = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+            runs.append((torch.stack(losses), state, runner))
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = flags
+    graph = runs[1][2]._graph
+    assert graph is not None and graph.failed is None, graph and graph.failed
+    assert (graph.captures, graph.replays) == (1, 6)
+    assert runs[0][2]._graph is None
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+    bad = [k for k in runs[0][1] if not torch.allclose(runs[1][1][k].double(), runs[0][1][k].double(),
+                                                       rtol=1e-4, atol=1e-6)]
+    assert not bad, [(k, float((runs[1][1][k].double() - runs[0][1][k].double()).abs().max())) for k in bad]
 
 
 if __name__ == "__main__":  # the interpreter run: CPU tensors through Triton's interpreter

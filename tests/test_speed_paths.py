@@ -437,13 +437,12 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _training_step(model, x):
-    """One step of mixq.train's PhaseRunner (forward, loss + size penalty, backward, clipping, SGD,
-    projection) on `model` and the batch `x`, as a function of no arguments."""
+def _training_runner(model, x, cuda_graphs: bool = False):
+    """(step(xb, yb) -> (loss, correct), runner): steps of mixq.train's PhaseRunner (forward, loss +
+    size penalty, backward, clipping, SGD, projection) on `model`, sized for batches like `x`."""
     from mixq.recipe import PhaseConfig
     from mixq.train import PhaseRunner, make_optimizer
 
-    y = torch.randint(0, 10, (x.shape[0],), device=x.device)
     account = SizeAccount(model)
     with torch.no_grad():
         wbytes = float(account()["weight_bits"]) / 8
@@ -455,10 +454,18 @@ def _training_step(model, x):
     class Hooks:
         @staticmethod
         def ramp(progress):
-            return 1.0
+            return 0.5 + progress
 
-    runner = PhaseRunner(model, phase, 0, None, Hooks(), None, penalty=penalty, account=account)
-    return lambda: runner._step(x, y, opt, qmods, True, 0.5)
+    runner = PhaseRunner(model, phase, 0, None, Hooks(), None, penalty=penalty, account=account,
+                         cuda_graphs=cuda_graphs)
+    return (lambda xb, yb, progress=0.5: runner._step(xb, yb, opt, qmods, True, progress)), runner
+
+
+def _training_step(model, x):
+    """One PhaseRunner step (see `_training_runner`) on the batch `x`, as a function of no arguments."""
+    y = torch.randint(0, 10, (x.shape[0],), device=x.device)
+    step, _ = _training_runner(model, x)
+    return lambda: step(x, y)
 
 
 def test_training_step_reads_nothing_back_to_the_host():
