@@ -285,13 +285,19 @@ def _to_codes(x_hat, s, signed: bool):
 
 def _from_codes(codes, s, out_dtype: torch.dtype):
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    return (codes.to(dtype) * s.to(dtype)).to(out_dtype)
+    return (codes * s.to(dtype)).to(out_dtype)  # int8 x float: one op, the codes converted exactly
 
 
 _code_kernels: dict[tuple, tuple] = {}
 
 
 def _code_fns(key):
+    """(pack, unpack) for a (signed, layout kind, dtype, device) key: compiled on the CPU (one fused
+    pass each); on CUDA the plain ops (unpack is one multiply, and a compiled function's call costs
+    the host far more than that kernel)."""
+    if key[3] == "cuda":
+        signed = key[0]
+        return (lambda x_hat, s: _to_codes(x_hat, s, signed)), _from_codes
     if key not in _code_kernels:
         tag = "".join(c if c.isalnum() else "_" for c in f"{key}_{len(_code_kernels)}")
         signed = key[0]
