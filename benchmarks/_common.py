@@ -9,11 +9,12 @@ ratios (the steadier number on a busy machine) with a 95 % bootstrap interval of
 the VM's noise lets the number move; `rep_ratio_interval`).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over one step minus the memory allocated
-before it. On the CPU, the tensor memory timeline of torch.profiler (profile_memory=True): every
-allocation and free of one training step in order, summed; the peak of that sum (parameters,
-gradients, optimizer state and activations that the step touches; the allocator has no cache on the
-CPU, so this is what the step holds at its worst moment). One separate profiled step per variant,
-not one of the timed ones.
+before it, plus, for a step replayed as a CUDA graph (which allocates nothing), the bytes its
+graph's private pool reserves (activations, saved tensors, gradients; free blocks counted). On the
+CPU, the tensor memory timeline of torch.profiler (profile_memory=True): every allocation and free
+of one training step in order, summed; the peak of that sum (parameters, gradients, optimizer state
+and activations that the step touches; the allocator has no cache on the CPU, so this is what the
+step holds at its worst moment). One separate profiled step per variant, not one of the timed ones.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ class Variant:
     compile_s: float | None = None
     max_reps: int | None = None  # a very slow variant (Brevitas) is timed in the first reps only
     faults: list = field(default_factory=list)  # minor page faults per timed step (CPU)
+    runner: object = None  # the PhaseRunner of the trainer variants (its CUDA graph, if any)
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
@@ -229,7 +231,7 @@ def _autocast(device: str, precision: str):
 # (weight, activation) rounding-gradient modifier of the mixq variants that change them
 _MODIFIERS = {"mixq_ste": ("ste", "ste"), "mixq_ewgs_act": ("ewgs", "ewgs")}
 VARIANTS = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton", "mixq_inductor",
-            "torch_lsq", "brevitas")
+            "float_graphed", "mixq_graphed", "torch_lsq", "brevitas")
 
 
 def check_variants(names: list[str]) -> None:
@@ -248,7 +250,9 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     default kernel settings (on CUDA: the hand-written Triton kernels of mixq._triton); mixq_ste is
     mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
     EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations instead of ATanh (what
-    ATanh costs over EWGS); mixq_plain keeps CUDA tensors on the plain ops (the default before
+    ATanh costs over EWGS); float_graphed and mixq_graphed (CUDA) are float and mixq through
+    mixq's trainer with its CUDA graphs (`mixq.graphs`: forward and backward replayed as one graph,
+    optimizer eager); mixq_plain keeps CUDA tensors on the plain ops (the default before
     2026-11-27), mixq_triton and mixq_inductor pick the CUDA backend of the fused kernels (eager
     mode; compiled mode traces the plain ops either way).
 
@@ -261,6 +265,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     device = x.device.type
     model = build_model(model_name).to(x.device)
     is_mixq = kind.startswith("mixq")
+    graphed = kind.endswith("_graphed")
     phase = PhaseConfig(name=kind, penalty=penalty and is_mixq, quantizers="learned")
     note = ""
     account = pen = None
@@ -290,19 +295,22 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     opt = make_optimizer(model, phase)
     fwd_model = torch.compile(model) if mode == "compiled" else model
     qmods = [s.quant for s in quant_sites(model)] if is_mixq else []
-    runner = PhaseRunner(fwd_model, phase, 0, None, _Ramp(), None, penalty=pen, account=account)
+    runner = PhaseRunner(fwd_model, phase, 0, None, _Ramp(), None, penalty=pen, account=account,
+                         cuda_graphs=graphed)
     amp = precision
     if kernels:
         note += f"; fused kernels on CUDA: {kernels}"
+    if graphed:
+        note += ("; " if note else "") + "mixq trainer, CUDA graph of forward + backward"
 
     def step(xb, yb):
-        if is_mixq:
+        if is_mixq or graphed:
             settings = (contextlib.nullcontext() if not kernels else
                         _kernels.fast_kernels(True, devices=("cpu",)) if kernels == "plain" else
                         _kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels))
             with settings, _autocast(device, amp):
                 # PhaseRunner._step: forward, loss (+ penalty), backward, clip, step, project
-                runner._step(xb, yb, opt, qmods, True, 0.5)
+                runner._step(xb, yb, opt, qmods, is_mixq, 0.5)
             return
         with _autocast(device, amp):
             logits = fwd_model(xb)
@@ -311,7 +319,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
         loss.backward()
         opt.step()
 
-    return Variant(kind, model, step, note)
+    return Variant(kind, model, step, note, runner=runner if is_mixq or graphed else None)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -363,7 +371,11 @@ def peak_memory(v: Variant, x, y) -> float | None:
         base = torch.cuda.memory_allocated()
         v.step(x, y)
         torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base)
+        graph = getattr(v.runner, "_graph", None)
+        # a replayed CUDA graph allocates nothing: what it holds is its private pool (reserved,
+        # so counted whole, free blocks included)
+        pool = graph.pool_bytes() if graph is not None else 0
+        return float(torch.cuda.max_memory_allocated() - base + pool)
     try:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline

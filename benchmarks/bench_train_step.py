@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         kinds = ["float", "mixq", "mixq_ste", "mixq_ewgs_act", "torch_lsq"]
         if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
             kinds[3:3] = ["mixq_plain", "mixq_inductor"]  # mixq itself runs Triton there
+        if device == "cuda":  # mixq's trainer replays each step as a CUDA graph there
+            kinds[2:2] = ["float_graphed", "mixq_graphed"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:
             kinds.append("brevitas")
         if a.variants:
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
                     summary[f"{key}_{other}_ratio"] = round(result[other]["median_of_rep_ratios"], 4)
                     if result[other]["peak_ratio"]:
                         summary[f"{key}_{other}_peak_ratio"] = round(result[other]["peak_ratio"], 4)
+            if "mixq_graphed" in result and "float_graphed" in result:  # both through the trainer
+                summary[f"{key}_mixq_graphed_vs_float_graphed"] = round(
+                    result["mixq_graphed"]["median_s"] / result["float_graphed"]["median_s"], 4)
         del variants
         gc.collect()
         torch._dynamo.reset()
@@ -186,7 +191,8 @@ def main(argv=None) -> int:
     md = (f"# bench_train_step{' --quick' if a.quick else ''}\n\nMachine: {machine_line(info)}; load "
           f"average at the end {info['loadavg_end']}. Run time {elapsed:.0f} s.\n\n"
           "Peak memory: CPU rows from the torch.profiler memory timeline of one extra step "
-          "(all tensors alive at the worst moment); CUDA rows from torch.cuda.max_memory_allocated.\n\n"
+          "(all tensors alive at the worst moment); CUDA rows from torch.cuda.max_memory_allocated "
+          "(plus the private pool of a step replayed as a CUDA graph, reserved whole).\n\n"
           "```\n" + text + "\n```\n\nSummary (ResNet-20 unless prefixed): `" + json.dumps(summary) + "`\n")
     jpath, mpath = write_results(stem, payload, md)
     print(f"\nwrote {jpath} and {mpath} ({elapsed:.0f} s)")

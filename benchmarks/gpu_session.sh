@@ -3,23 +3,25 @@
 # and measures on a GPU, in one call, each part under its own time limit so that a slow part never
 # takes the later ones' results with it.
 #   bash benchmarks/gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]
-# 1. CUDA tests: Triton and inductor quantizer kernels against the plain ops, fullgraph compile,
-#    the device data loader (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
+# 0. fullgraph compile of a prepared model against eager (alone, its own time limit).
+# 1. CUDA tests: Triton and inductor quantizer kernels against the plain ops, the sync-free step,
+#    the trainer's CUDA graphs against eager training, the device data loader
+#    (tests/test_cuda_kernels.py, tests/test_data.py -k cuda).
 # 2. bench_train_step.py on CUDA: float vs mixq (default: Triton kernels; plain ops; inductor) vs
 #    PyTorch's learnable fake-quant ops vs Brevitas (installed from WHEELS when given).
 # 2c. profile_step.py on CUDA: kernel time, launches, host syncs and the host's Python per eager step.
 # 3. NUUQ on CIFAR-10 / ResNet-20 (recipes/cifar10_resnet20_nuuq.toml): k = 4 and 3 levels at
 #    b = 8, and the uniform 4-level and ternary grids from the same float model.
-# Results land in OUT: env.txt, tests.log, kernels.log, train_step_cuda.{json,md}, bench.log,
-# profile.log, profile_step_cuda.{json,md}, cifar.log, cifar_nuuq.tgz. QUICK=1 makes part 3 a --quick
+# Results land in OUT: env.txt, fullgraph.log, tests.log, kernels.log, train_step_cuda.{json,md},
+# bench.log, profile.log, profile_step_cuda.{json,md}, cifar.log, cifar_nuuq.tgz. QUICK=1 makes part 3 a --quick
 # smoke run (for trying the script on a CPU).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [CIFAR10_ARCHIVE] [WHEELS]}
 DATA=${2:-.data/cifar10-jpeg.tar.gz}
 WHEELS=${3:-.whl}
 T_TESTS=${T_TESTS:-150} T_QUICK=${T_QUICK:-70} T_KERNELS=${T_KERNELS:-30} T_BENCH=${T_BENCH:-195}
-T_CIFAR=${T_CIFAR:-280} T_PROFILE=${T_PROFILE:-60}
-PARTS=${PARTS:-"tests quick kernels bench profile cifar"}  # which parts run
+T_CIFAR=${T_CIFAR:-280} T_PROFILE=${T_PROFILE:-60} T_FULLGRAPH=${T_FULLGRAPH:-150}
+PARTS=${PARTS:-"fullgraph tests quick kernels bench profile cifar"}  # which parts run
 BENCH_VARIANTS=${BENCH_VARIANTS:-}  # bench_train_step.py --variants (default: all)
 FMNIST=${FMNIST:-.data/fashion-mnist}  # for the quick pipeline runs
 FLOAT_CKPT=${FLOAT_CKPT:-}  # a trained float ResNet-20 for part 3 (skips its float training)
@@ -36,12 +38,20 @@ fi
 tail -1 "$OUT/env.txt"
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+if has fullgraph; then
+  # first and alone: torch 2.11's compile gave zero quantizer gradients on 2026-11-27, and the run
+  # that would have said whether the guard in _UniformFakeQuant.backward cures it was cut at 55 s
+  echo "== 0. fullgraph compile of a prepared model: gradients against eager"
+  timeout -k 5 "$T_FULLGRAPH" python3 -m pytest -v --tb=short -p no:cacheprovider \
+    tests/test_cuda_kernels.py -k fullgraph >"$OUT/fullgraph.log" 2>&1
+  grep -E "PASS|FAIL|^E " "$OUT/fullgraph.log" | head -20
+fi
 if has tests; then
   echo "== 1. CUDA tests"
   # -v: each test's name and result as it ends, so a run cut by its time limit still says which
   # test failed (the H100 session of 2026-11-27 lost one that way)
   timeout -k 5 "$T_TESTS" python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_cuda_kernels.py \
-    tests/test_data.py -k "cuda and not interpreted" >"$OUT/tests.log" 2>&1
+    tests/test_data.py -k "cuda and not interpreted and not fullgraph" >"$OUT/tests.log" 2>&1
   tail -15 "$OUT/tests.log"
 fi
 if has quick; then
@@ -74,7 +84,7 @@ fi
 if has profile; then
   echo "== 2c. where an eager step's time goes"
   timeout -k 5 "$T_PROFILE" python3 benchmarks/profile_step.py --device cuda \
-    --variants float,mixq,mixq_plain,torch_lsq --host --out profile_step_cuda >"$OUT/profile.log" 2>&1
+    --variants float,mixq,mixq_graphed,mixq_plain,torch_lsq --host --out profile_step_cuda >"$OUT/profile.log" 2>&1
   grep -B1 -A6 "^variant " "$OUT/profile.log"
   cp benchmarks/results/profile_step_cuda.* "$OUT/" 2>/dev/null
 fi

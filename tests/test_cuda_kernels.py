@@ -8,15 +8,14 @@ TRITON_INTERPRET=1) where Triton is installed; skipped where it is not (the CPU 
 not bring it). On CUDA also: the inductor-compiled kernels (the other CUDA backend; its division is
 not correctly rounded, so x_hat is exact only away from rounding ties), and a prepared model's
 forward and backward under torch.compile(fullgraph=True) with inductor against eager, the default
-backend choice, and a whole training step under torch.cuda's sync debug mode. Seen on an H100
-(2026-11-27, torch 2.11, Triton 3.6, commit 205a706): the Triton and inductor kernel tests pass (the
-model step once its tolerance allowed for cancelling slice sums and cuDNN ran deterministic), the
-default-backend test and the sync-free step with the plain ops and with Triton pass; the fullgraph
-test failed (in the first run with a cosine of 0.0, a gradient that is zero on one side; the second
-run was cut by its time limit before pytest printed why: the test now lists every disagreeing
-gradient; a suspect to check: a per-tensor quantizer's one-element scale gradient is a sum that
-cancels, so a code flipped by BatchNorm's different float rounding in the two passes can flip its
-sign), and the sync-free step with inductor's kernels and the data tests did not run in time.
+backend choice, a whole training step under torch.cuda's sync debug mode, and the trainer's CUDA
+graphs against eager training. Seen on an H100 (2026-11-27, torch 2.11, Triton 3.6): the Triton and
+inductor kernel tests, the default-backend test, the sync-free step with each backend, the CUDA-graph
+test and the device loader's test pass. The fullgraph test failed: every gradient through a
+quantizer came out zero under torch.compile (inductor and aot_eager alike), so the tracing of the
+custom backward is at fault; `_UniformFakeQuant.backward` now ignores a needs_input_grad of all
+False (the suspect, pytorch#159299), and a later run of that day still timed a broken compiled
+step, with the fullgraph test cut by its time limit: this test says which next time.
 """
 
 from __future__ import annotations
