@@ -191,11 +191,6 @@ class _UniformFakeQuant(torch.autograd.Function):
         x, scale, qmax, *saved_scale = ctx.saved_tensors
         grad_scale = saved_scale[0] if saved_scale else ctx.grad_scale
         need_x, need_s, need_q = ctx.needs_input_grad[:3]
-        if torch.compiler.is_compiling() or not (need_x or need_s or need_q):
-            # autograd calls backward only when an input needs a gradient, so all False is wrong:
-            # torch.compile (torch 2.11, CUDA) traced it that way and every gradient came out zero
-            # (pytorch#159299); the compiler drops the gradients nobody asked for anyway
-            need_x = need_s = need_q = True
         grads = None
         if ctx.kernel is not None:
             try:
