@@ -101,9 +101,18 @@ def _uniform_codes(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool) -> Tens
     return torch.round(torch.clamp(xf, lo, q) / s)
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` in `dtype`, and `t` itself, with no `.to` call, when it already is. What an
+    autograd.Function's forward returns goes through this: torch 2.11's torch.compile traced the
+    backward of a Function whose output came from a no-op `.to(dtype)` with a zero incoming
+    gradient, so every gradient through the quantizers was zero (on CUDA and on the CPU; 2.13 is
+    not affected)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _uniform_forward(x: Tensor, scale: Tensor, qmax: Tensor, signed: bool) -> Tensor:
     """x_hat = scale round(clip(x, lo, qmax) / scale), computed in float32 (float64 for float64)."""
-    return (_uniform_codes(x, scale, qmax, signed) * scale.to(_compute_dtype(x))).to(x.dtype)
+    return as_dtype(_uniform_codes(x, scale, qmax, signed) * scale.to(_compute_dtype(x)), x.dtype)
 
 
 def _uniform_grad_terms(x: Tensor, g: Tensor, scale: Tensor, qmax: Tensor, signed: bool,
@@ -286,7 +295,7 @@ class _Pow2FakeQuant(torch.autograd.Function):
         ctx.save_for_backward(x, qmin, qmax)
         ctx.signed, ctx.with_zero = signed, with_zero
         del region
-        return (sign * mag).to(x.dtype)
+        return as_dtype(sign * mag, x.dtype)
 
     @staticmethod
     def backward(ctx, g):

@@ -12,10 +12,9 @@ backend choice, a whole training step under torch.cuda's sync debug mode, and th
 graphs against eager training. Seen on an H100 (2026-11-27, torch 2.11, Triton 3.6): the Triton and
 inductor kernel tests, the default-backend test, the sync-free step with each backend, the CUDA-graph
 test and the device loader's test pass. The fullgraph test failed: every gradient through a
-quantizer came out zero under torch.compile (inductor and aot_eager alike), so the tracing of the
-custom backward is at fault; `_UniformFakeQuant.backward` now ignores a needs_input_grad of all
-False (the suspect, pytorch#159299), and a later run of that day still timed a broken compiled
-step, with the fullgraph test cut by its time limit: this test says which next time.
+quantizer came out zero under torch.compile (inductor and aot_eager alike). The cause, reproduced
+with torch 2.11 on a CPU: dynamo traced the backward of an autograd.Function whose forward returned a
+no-op `.to(dtype)` with a zero incoming gradient; fixed (`functional.as_dtype`), not yet rerun on a GPU.
 """
 
 from __future__ import annotations
