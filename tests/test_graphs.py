@@ -60,11 +60,8 @@ class Rerun:
         return types.SimpleNamespace(replay=replay), out
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
-    """PhaseRunner builds its GraphedStep with the stand-in, on the CPU."""
-    fake = Rerun()
-
+def _use_stand_in(monkeypatch, fake: Rerun) -> Rerun:
+    """PhaseRunner builds its GraphedStep with `fake` for CUDA, on the CPU."""
     def build(fn, modules):
         step = GraphedStep(fn, modules, cuda=fake)
         fake.params, fake.buffers = step.params, step.buffers
@@ -73,6 +70,11 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(mixq.train, "graphs_available", lambda device: True)
     monkeypatch.setattr(mixq.train, "GraphedStep", build)
     return fake
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    return _use_stand_in(monkeypatch, Rerun())
 
 
 def _batches(x, n, seed=1):
@@ -134,15 +136,7 @@ def test_a_graph_is_captured_again_when_what_it_baked_in_changes(stand_in):
 
 
 def test_a_failed_capture_warns_once_and_trains_eagerly(monkeypatch):
-    fake = Rerun(fail=True)
-
-    def build(fn, modules):
-        step = GraphedStep(fn, modules, cuda=fake)
-        fake.params, fake.buffers = step.params, step.buffers
-        return step
-
-    monkeypatch.setattr(mixq.train, "graphs_available", lambda device: True)
-    monkeypatch.setattr(mixq.train, "GraphedStep", build)
+    _use_stand_in(monkeypatch, Rerun(fail=True))
     with pytest.warns(UserWarning, match="CUDA graph failed.*not permitted") as caught:
         graphed = _train(True)
     assert len([w for w in caught if "CUDA graph" in str(w.message)]) == 1
