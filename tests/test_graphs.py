@@ -15,18 +15,22 @@ import types
 
 import pytest
 import torch
+from conftest import TINY_RECIPE
 from test_speed_paths import _prepared_model, _training_runner
 
 import mixq.train
 from mixq.graphs import GraphedStep
-from mixq.recipe import Recipe
+from mixq.pipeline import train_run
+from mixq.recipe import Recipe, load_recipe
 
 
 class Rerun:
-    """Stand-in for CUDA (see the module doc); `fail` makes every capture raise."""
+    """Stand-in for CUDA (see the module doc); a replay on memory other than the capture's (what
+    a real graph would read stale) fails the test; `fail` makes every capture raise."""
 
     def __init__(self, fail: bool = False):
         self.fail, self.params, self.buffers = fail, [], []
+        self.captures = self.replays = 0
 
     @staticmethod
     @contextlib.contextmanager
@@ -44,9 +48,14 @@ class Rerun:
         out = fn()
         for b, value in zip(self.buffers, saved, strict=True):  # a capture runs no kernel
             b.copy_(value)
-        params, grads = self.params, [p.grad for p in self.params]
+        params, buffers, grads = self.params, self.buffers, [p.grad for p in self.params]
+        baked = [t.data_ptr() for t in params + buffers]  # the memory a real graph would read
+        self.captures += 1
 
         def replay():
+            assert [t.data_ptr() for t in params + buffers] == baked, "replayed on stale memory"
+            assert all(p.grad is g for p, g in zip(params, grads, strict=True)), "gradients replaced"
+            self.replays += 1
             for p in params:
                 p.grad = None
             new = fn()
@@ -161,3 +170,21 @@ def test_recipe_cuda_graphs_is_a_bool():
     assert Recipe().cuda_graphs is True
     with pytest.raises(ValueError, match="cuda_graphs must be true or false, got 'yes'"):
         Recipe(cuda_graphs="yes")
+
+
+@pytest.mark.e2e
+def test_the_main_job_with_graphs_gives_the_eager_result(stand_in, tmp_path, fmnist_dir):
+    """The whole main job (float, frozen, mixed and fine-tuning phases with evaluations, best-model
+    checkpoints and the greedy start between steps) with the trainer's graphs: the same accuracies,
+    sizes and bit widths as eager training, and no replay on memory the capture did not see."""
+    def run(name, graphs):
+        recipe = load_recipe(TINY_RECIPE, [f"cuda_graphs={'true' if graphs else 'false'}"])
+        return train_run(recipe, tmp_path / name, data_root=fmnist_dir, progress=False, device="cpu")
+
+    eager, graphed = run("eager", False), run("graphed", True)
+    # one capture per phase (float, frozen, mixed, fine-tuning): evaluations, checkpoints and the
+    # greedy start change nothing a graph baked in; every later step of a phase is a replay
+    assert (stand_in.captures, stand_in.replays >= 40) == (4, True), (stand_in.captures, stand_in.replays)
+    for key in ("float_acc", "quant_acc", "weight_bytes", "act_sum_bytes", "budgets_met"):
+        assert graphed[key] == eager[key], key
+    assert [r["weight_bits_mean"] for r in graphed["layers"]] == [r["weight_bits_mean"] for r in eager["layers"]]
