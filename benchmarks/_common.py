@@ -266,6 +266,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     model = build_model(model_name).to(x.device)
     is_mixq = kind.startswith("mixq")
     graphed = kind.endswith("_graphed")
+    trainer = is_mixq or graphed  # the step of mixq.train.PhaseRunner, not the hand-written loop
     phase = PhaseConfig(name=kind, penalty=penalty and is_mixq, quantizers="learned")
     note = ""
     account = pen = None
@@ -304,7 +305,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
         note += ("; " if note else "") + "mixq trainer, CUDA graph of forward + backward"
 
     def step(xb, yb):
-        if is_mixq or graphed:
+        if trainer:
             settings = (contextlib.nullcontext() if not kernels else
                         _kernels.fast_kernels(True, devices=("cpu",)) if kernels == "plain" else
                         _kernels.fast_kernels(True, devices=("cpu", "cuda"), cuda_backend=kernels))
@@ -319,7 +320,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
         loss.backward()
         opt.step()
 
-    return Variant(kind, model, step, note, runner=runner if is_mixq or graphed else None)
+    return Variant(kind, model, step, note, runner=runner if trainer else None)
 
 
 # ------------------------------------------------------------------------------------------ timing
