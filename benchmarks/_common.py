@@ -230,8 +230,8 @@ def _autocast(device: str, precision: str):
 
 # (weight, activation) rounding-gradient modifier of the mixq variants that change them
 _MODIFIERS = {"mixq_ste": ("ste", "ste"), "mixq_ewgs_act": ("ewgs", "ewgs")}
-VARIANTS = ("float", "mixq", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton", "mixq_inductor",
-            "float_graphed", "mixq_graphed", "torch_lsq", "brevitas")
+VARIANTS = ("float", "mixq", "mixq_bn", "mixq_ste", "mixq_ewgs_act", "mixq_plain", "mixq_triton",
+            "mixq_inductor", "float_graphed", "mixq_graphed", "torch_lsq", "brevitas")
 
 
 def check_variants(names: list[str]) -> None:
@@ -245,9 +245,12 @@ def check_variants(names: list[str]) -> None:
 
 def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                  penalty: bool = True) -> Variant | None:
-    """One training-step variant. kind: float | mixq | mixq_ste | mixq_ewgs_act | mixq_plain |
-    mixq_triton | mixq_inductor | torch_lsq | brevitas. mode: eager | compiled. mixq runs mixq's
-    default kernel settings (on CUDA: the hand-written Triton kernels of mixq._triton); mixq_ste is
+    """One training-step variant. kind: one of VARIANTS. mode: eager | compiled. mixq is QAT as mixq
+    trains: BatchNorm folded into the convs first (`fold_bn_`, what the main job and the integer
+    export do; the float model keeps its BatchNorm), mixq's default kernel settings (on CUDA: the
+    hand-written Triton kernels of mixq._triton); every mixq_* variant folds too, except mixq_bn,
+    which keeps BatchNorm in training mode (a prepare_ without fold_bn_; what `mixq` measured
+    before 2026-11-27: the older result files' mixq rows); mixq_ste is
     mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
     EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations instead of ATanh (what
     ATanh costs over EWGS); float_graphed and mixq_graphed (CUDA) are float and mixq through
@@ -276,6 +279,8 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
         w_mod, a_mod = _MODIFIERS.get(kind, (config.weight.modifier, config.act.modifier))
         config = QuantConfig(weight=config.weight.replace(modifier=w_mod),
                              act=config.act.replace(modifier=a_mod))
+        if kind != "mixq_bn":  # what the main job and the integer export do before QAT
+            mixq.fold_bn_(model)
         mixq.prepare_(model, config, example_input=x[:2])
         mixq.calibrate_(model, [x[:128]])
         if penalty:
@@ -284,7 +289,8 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
                 wbytes = float(account()["weight_bits"]) / 8
             pen = BudgetPenalty(Budgets(weight_bytes=0.5 * wbytes)).to(x.device)
         note = (f"U3 W per-channel ({w_mod.upper()}) + A per-tensor ({a_mod.upper()})"
-                + (", size penalty" if penalty else ""))
+                + (", size penalty" if penalty else "")
+                + (", BatchNorm kept" if kind == "mixq_bn" else ", BatchNorm folded"))
     elif kind == "torch_lsq":
         to_torch_lsq(model)
         note = "learnable per-channel W4 + per-tensor A8"

@@ -4,11 +4,13 @@ Brevitas when it is installed), ResNet-20 (batch 512, 32x32) and the Fashion-MNI
 
     python benchmarks/bench_train_step.py --device cpu --quick --json
 
-mixq's step is the real one of mixq.train.PhaseRunner._step: U3 per-channel weights (EWGS) and
-per-tensor activations (ATanh) at every conv and linear, the size penalty active (SizeAccount +
-BudgetPenalty with a weight budget at half the model's size), backward, clip_grads_, the SGD step
-(Nesterov, the recipe's parameter groups) and project_ of every quantizer. float and PyTorch's ops:
-forward, loss, backward, the same optimizer. bf16 runs the whole step under torch.autocast.
+mixq's step is the real one of mixq.train.PhaseRunner._step on the model as mixq trains it
+(BatchNorm folded into the convs by `fold_bn_`, as the main job does; the mixq_bn row keeps
+BatchNorm): U3 per-channel weights (EWGS) and per-tensor activations (ATanh) at every conv and
+linear, the size penalty active (SizeAccount + BudgetPenalty with a weight budget at half the
+model's size), backward, clip_grads_, the SGD step (Nesterov, the recipe's parameter groups) and
+project_ of every quantizer. float and PyTorch's ops (on the model with its BatchNorm): forward,
+loss, backward, the same optimizer. bf16 runs the whole step under torch.autocast.
 See benchmarks/_common.py for how time and memory are measured. The last line with --json is one
 JSON object (cpu_eager_fp32_ratio: mixq over float step time, ResNet-20, same run: the median of
 the per-repetition ratios; *_ratio_ci95 its 95 % bootstrap interval; *_ratio_of_medians is the
@@ -110,9 +112,9 @@ def main(argv=None) -> int:
             batches = {(model_name, device): make_batch(model_name, BATCH[model_name], device)}
         x, y = batches[(model_name, device)]
         group = dict(model=model_name, device=device, mode=mode, precision=precision)
-        kinds = ["float", "mixq", "mixq_ste", "mixq_ewgs_act", "torch_lsq"]
+        kinds = ["float", "mixq", "mixq_bn", "mixq_ste", "mixq_ewgs_act", "torch_lsq"]
         if device == "cuda" and mode == "eager":  # mixq's fused kernels on CUDA: both backends
-            kinds[3:3] = ["mixq_plain", "mixq_inductor"]  # mixq itself runs Triton there
+            kinds[4:4] = ["mixq_plain", "mixq_inductor"]  # mixq itself runs Triton there
         if device == "cuda":  # mixq's trainer replays each step as a CUDA graph there
             kinds[2:2] = ["float_graphed", "mixq_graphed"]
         if mode == "eager" and precision == "fp32" and not a.no_brevitas:

@@ -76,6 +76,22 @@ def test_bench_train_step_small_run_prints_the_summary_json(tmp_path, capsys):
     assert {f"{key}_mixq_ste_ratio", f"{key}_torch_lsq_ratio", "elapsed_s", "torch"} <= summary.keys()
     payload = json.loads(stem.with_suffix(".json").read_text())
     variants = {r["variant"]: r for r in payload["rows"]}
-    assert {"float", "mixq", "mixq_ste", "mixq_ewgs_act", "torch_lsq"} <= variants.keys()
+    assert {"float", "mixq", "mixq_bn", "mixq_ste", "mixq_ewgs_act", "torch_lsq"} <= variants.keys()
     assert all(len(r["times_s"]) == 3 for r in variants.values())
+    assert "BatchNorm kept" in variants["mixq_bn"]["note"]
     assert "95% interval" in stem.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("kind, has_bn", [("float", True), ("mixq", False), ("mixq_ste", False),
+                                          ("mixq_bn", True)])
+def test_mixq_variants_train_the_model_as_the_main_job_does(kind, has_bn):
+    """mixq's rows time the model as mixq trains it, BatchNorm folded into the convs (the main
+    job, the export); mixq_bn keeps BatchNorm, and float always has it."""
+    x, y = _common.make_batch("fmnist_cnn", 4, torch.device("cpu"))
+    v = _common.make_variant(kind, "fmnist_cnn", x, y, "eager", "fp32")
+    bns = [m for m in v.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bool(bns) == has_bn
+    before = [p.detach().clone() for p in v.model.parameters()]
+    v.step(x, y)  # it trains: every weight moves
+    assert all(not torch.equal(b, p) for b, p in zip(before, v.model.parameters(), strict=True)
+               if p.dim() == 4)
