@@ -250,7 +250,7 @@ def make_variant(kind: str, model_name: str, x, y, mode: str, precision: str,
     export do; the float model keeps its BatchNorm), mixq's default kernel settings (on CUDA: the
     hand-written Triton kernels of mixq._triton); every mixq_* variant folds too, except mixq_bn,
     which keeps BatchNorm in training mode (a prepare_ without fold_bn_; what `mixq` measured
-    before 2026-11-27: the older result files' mixq rows); mixq_ste is
+    before commit f9a183b: the mixq rows of the result files before run6); mixq_ste is
     mixq with both rounding-gradient modifiers off (plain straight-through estimator, what the
     EWGS/ATanh modifiers cost); mixq_ewgs_act has EWGS on the activations instead of ATanh (what
     ATanh costs over EWGS); float_graphed and mixq_graphed (CUDA) are float and mixq through
