@@ -92,6 +92,6 @@ def test_mixq_variants_train_the_model_as_the_main_job_does(kind, has_bn):
     bns = [m for m in v.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bool(bns) == has_bn
     before = [p.detach().clone() for p in v.model.parameters()]
-    v.step(x, y)  # it trains: every weight moves
+    v.step(x, y)  # it trains: every conv weight moves
     assert all(not torch.equal(b, p) for b, p in zip(before, v.model.parameters(), strict=True)
                if p.dim() == 4)
