@@ -7,6 +7,10 @@ Every model follows a few structural rules that the quantization tooling relies 
 * every ``nn.BatchNorm2d`` directly follows a bias-free ``nn.Conv2d`` whose output feeds only
   that BatchNorm (so BN can be folded into the conv with torch.fx);
 * depthwise convolutions use ``groups=channels``;
+* a ReLU that would feed a max-pool runs after it (conv -> BN -> max-pool -> ReLU): max and ReLU
+  commute (both are monotone, ReLU(max x) = max ReLU(x), the gradients agree too), so the function
+  is the same, the ReLU touches a quarter of the elements and its backward mask is saved at the
+  pooled resolution (under torch.compile on the CPU a saved bool mask costs more than the ReLU);
 * ``torch.fx.symbolic_trace`` works (no Python control flow on tensor values).
 
 Use :func:`create_model` (or the :data:`MODELS` registry) to build a model by name.
@@ -109,6 +113,9 @@ class FMNISTCNN(nn.Module):
 
     (N, C, 28, 28) -> conv16, conv16 -> pool -> (N, 16, 14, 14) -> conv48, conv64 -> pool
     -> (N, 64, 7, 7) -> conv128, conv128 -> GAP -> (N, 128) -> Linear -> (N, num_classes).
+    Each conv is conv -> BN -> ReLU, except that a conv followed by a pool is conv -> BN and its
+    ReLU runs after the pool, in the pool's slot (``features[i] = Sequential(MaxPool2d, ReLU)``):
+    the same function, and the parameter names (``features.<i>.0.weight``) are those of before.
 
     With ``hidden`` widths the head is a VGG classifier instead of GAP: flatten the last feature
     map, then Linear -> ReLU per hidden width, then Linear -> (N, num_classes).
@@ -120,12 +127,16 @@ class FMNISTCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         ch, hw = in_channels, 28
-        for item in layout:
+        for i, item in enumerate(layout):
+            # a conv right before a pool has its ReLU after the pool (module docstring)
             if item == "M":
-                layers.append(nn.MaxPool2d(2))
+                after_conv = i > 0 and layout[i - 1] != "M"
+                layers.append(nn.Sequential(nn.MaxPool2d(2), nn.ReLU()) if after_conv
+                              else nn.MaxPool2d(2))
                 hw //= 2
             else:
-                layers.append(ConvBNAct(ch, int(item)))
+                pooled = i + 1 < len(layout) and layout[i + 1] == "M"
+                layers.append(ConvBNAct(ch, int(item), act=None if pooled else nn.ReLU))
                 ch = int(item)
         self.features = nn.Sequential(*layers)
         # GAP, or for a VGG head the whole last feature map
@@ -205,8 +216,8 @@ class ResNet(nn.Module):
             self.stem = ConvBNAct(in_channels, widths[0], 3, 1)
         else:
             self.stem = nn.Sequential(
-                ConvBNAct(in_channels, widths[0], 7, 2), nn.MaxPool2d(3, 2, 1)
-            )
+                ConvBNAct(in_channels, widths[0], 7, 2, act=None), nn.MaxPool2d(3, 2, 1), nn.ReLU()
+            )  # ReLU after the max-pool: the same function (module docstring)
         blocks: list[nn.Module] = []
         in_ch = widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):

@@ -128,6 +128,42 @@ def test_each_activation_module_called_once(name, stem):
 
 
 @pytest.mark.parametrize(("name", "stem"), VARIANTS, ids=IDS)
+def test_relu_runs_after_the_max_pool_and_computes_what_relu_first_did(name, stem):
+    """No ReLU feeds a max-pool; putting one back before every pool that a ReLU follows (the
+    textbook order: ReLU(max x) = max ReLU(x)) changes no output and no gradient, bit for bit."""
+    model, x = _build(name, stem)
+    gm = torch.fx.symbolic_trace(model)
+    mods = dict(gm.named_modules())
+    pools = [n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(mods[n.target], nn.MaxPool2d)]
+    for pool in pools:
+        src = pool.args[0]
+        assert not (src.op == "call_module" and isinstance(mods[src.target], nn.ReLU)), pool.target
+    relu_after = [p.target for p in pools if any(
+        u.op == "call_module" and isinstance(mods[u.target], nn.ReLU) for u in p.users)]
+    if name.startswith("fmnist") or stem == "imagenet" and name.startswith("resnet"):
+        assert relu_after, "the ReLU of the conv before each pool runs after the pool"
+    model.double().train()
+
+    def step(relu_first: bool):
+        handles = [model.get_submodule(t).register_forward_pre_hook(lambda _m, a: (F.relu(a[0]),))
+                   for t in relu_after] if relu_first else []
+        model.zero_grad()
+        torch.manual_seed(0)  # the same DropConnect / Dropout draws in both passes
+        out = model(x.double())
+        out.square().sum().backward()
+        for h in handles:
+            h.remove()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = step(relu_first=False)
+    ref_out, ref_grads = step(relu_first=True)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "stem"), VARIANTS, ids=IDS)
 def test_batchnorm_follows_bias_free_conv(name, stem):
     model, _ = _build(name, stem)
     model.eval()
