@@ -460,9 +460,24 @@ def table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def results_paths(stem: str) -> tuple[Path, Path]:
+    """The JSON and Markdown files of `--out STEM`: a bare name lies under benchmarks/results/, a
+    path (`runs/x`, `/tmp/x`, `benchmarks/results/x`, with or without .json) where it says.
+    Scripts call it on --out right after parsing, so a folder that does not exist fails at once,
+    not after the run."""
+    path = Path(stem)
+    if path.suffix in (".json", ".md"):
+        path = path.with_suffix("")
+    if len(path.parts) == 1:
+        path = RESULTS / path
+    if not path.parent.is_dir():
+        raise SystemExit(f"--out {stem!r}: the folder {path.parent} does not exist; give a bare name "
+                         f"(written under {RESULTS}) or a path in an existing folder")
+    return path.parent / f"{path.name}.json", path.parent / f"{path.name}.md"
+
+
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    jpath, mpath = results_paths(stem)
     jpath.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     mpath.write_text(markdown)
     return jpath, mpath

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import machine_info, machine_line, write_results  # noqa: E402
+from _common import machine_info, machine_line, results_paths, write_results  # noqa: E402
 
 import mixq.functional as F  # noqa: E402
 from mixq import _kernels  # noqa: E402
@@ -63,8 +63,11 @@ def _time(fn, device: str, calls: int = 50, runs: int = 7) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
+    p.add_argument("--out", default=None,
+                   help="results file stem: a bare name under benchmarks/results/, or a path")
     a = p.parse_args(argv)
+    if a.out:
+        results_paths(a.out)  # a bad folder fails now, not after the run
     info = machine_info()
     print("machine:", machine_line(info), info.get("cuda_device", ""))
     backends = ["plain", "inductor"] + (["triton"] if a.device == "cuda" else [])

@@ -31,6 +31,7 @@ from _common import (  # noqa: E402
     make_batch,
     make_variant,
     peak_memory,
+    results_paths,
     summarize,
     table,
     time_interleaved,
@@ -49,8 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
+    p.add_argument("--out", default=None,
+                   help="results file stem: a bare name under benchmarks/results/, or a path")
     a = p.parse_args(argv)
+    if a.out:
+        results_paths(a.out)  # a bad folder fails now, not after the run
     if a.threads:
         torch.set_num_threads(a.threads)
     reps = a.reps or (3 if a.quick else 15)

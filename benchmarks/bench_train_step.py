@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     make_batch,
     make_variant,
     peak_memory,
+    results_paths,
     summarize,
     table,
     time_interleaved,
@@ -77,8 +78,10 @@ def main(argv=None) -> int:
                    help="only these variants (comma-separated; float is always run: every ratio is "
                         f"to it): {', '.join(VARIANTS)}")
     p.add_argument("--out", default=None,
-                   help="results file stem under benchmarks/results/ (an absolute path: there)")
+                   help="results file stem: a bare name under benchmarks/results/, or a path")
     a = p.parse_args(argv)
+    if a.out:
+        results_paths(a.out)  # a bad folder fails now, not after the run
     try:
         check_variants(a.variants.split(",") if a.variants else [])
     except ValueError as err:

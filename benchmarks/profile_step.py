@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     machine_line,
     make_batch,
     make_variant,
+    results_paths,
     warm_up,
     write_results,
 )
@@ -130,8 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--host", action="store_true",
                    help="also profile the host's Python per step (cProfile): what a host-bound step spends")
     p.add_argument("--json", action="store_true", help="print the results JSON as the last line")
-    p.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
+    p.add_argument("--out", default=None,
+                   help="results file stem: a bare name under benchmarks/results/, or a path")
     a = p.parse_args(argv)
+    if a.out:
+        results_paths(a.out)  # a bad folder fails now, not after the run
     try:
         check_variants(a.variants.split(","))
     except ValueError as err:

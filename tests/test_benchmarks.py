@@ -82,6 +82,16 @@ def test_bench_train_step_small_run_prints_the_summary_json(tmp_path, capsys):
     assert "95% interval" in stem.with_suffix(".md").read_text()
 
 
+def test_out_names_the_results_files_and_a_missing_folder_fails_before_the_run(tmp_path, monkeypatch):
+    results = _common.RESULTS
+    assert _common.results_paths("run9") == (results / "run9.json", results / "run9.md")
+    monkeypatch.chdir(results.parent.parent)  # the repository root, where the README's commands run
+    assert _common.results_paths("benchmarks/results/run9.json")[0].resolve() == results / "run9.json"
+    assert _common.results_paths(str(tmp_path / "a.b"))[1] == tmp_path / "a.b.md"
+    with pytest.raises(SystemExit, match="nowhere.*does not exist.*bare name"):
+        bench_train_step.main(["--device", "cpu", "--out", str(tmp_path / "nowhere" / "x")])
+
+
 @pytest.mark.parametrize("kind, has_bn", [("float", True), ("mixq", False), ("mixq_ste", False),
                                           ("mixq_bn", True)])
 def test_mixq_variants_train_the_model_as_the_main_job_does(kind, has_bn):
