@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import (  # noqa: E402
     VARIANTS,
-    brevitas_version,
     check_variants,
     machine_info,
     machine_line,
@@ -45,6 +44,7 @@ from _common import (  # noqa: E402
     warm_up,
     write_results,
 )
+from baselines import brevitas_version  # noqa: E402
 
 from mixq import host_memory  # noqa: E402
 
