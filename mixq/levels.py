@@ -18,7 +18,7 @@ from . import flexible as fx
 from .budget import squared_gradients
 from .config import GRANULARITIES, LEVEL_INITS, PACKINGS, THRESHOLDS, check_choice, from_dict, parse_bytes
 from .convert import FLOAT_LAYERS, quant_sites
-from .flexible import FlexibleQuantizer
+from .flexible_quantizer import FlexibleQuantizer
 from .layers import QUANTIZED_LAYERS
 
 ALLOCATIONS = ("uniform", "edges_double", "inverse_size", "budget")
@@ -34,7 +34,7 @@ class FlexibleOptions:
         budget (k per layer meeting `weight_budget` with the least predicted loss); k <= k_max.
     weight_budget: for allocation "budget": bytes with a unit ('30 KiB') or 'B bpe' (bits per weight
         element, biases included); counts packed codes + biases, as weight_bytes does.
-    granularity, level_init, thresholds, packing, pow2_scale: the weight quantizer (mixq.flexible).
+    granularity, level_init, thresholds, packing, pow2_scale: the weight quantizer (mixq.flexible_quantizer).
     act_bits: uniform activation bits (b_A); None keeps the recipe's quant.act widths.
     learn_act_ranges: let fine-tuning / QAT train the activation quantizers too (default: they keep
         their calibrated ranges; a learned power-of-two step can halve and shrink the range).

@@ -26,7 +26,7 @@ from .config import (
     QuantConfig,
 )
 from .convert import prepare_, quant_sites
-from .flexible import FlexibleQuantizer
+from .flexible_quantizer import FlexibleQuantizer
 from .levels import (
     FlexibleOptions,
     allocate_levels,

@@ -404,8 +404,8 @@ QUANTIZERS = {"uniform": UniformQuantizer, "pow2": Pow2Quantizer}
 
 def make_quantizer(cfg: QuantizerConfig, num_channels: int = 1, axis: int = 0, where: str = ""):
     """The quantizer that `cfg.kind` names, for a site with `num_channels` channels on `axis`."""
-    if cfg.kind == "flexible":  # imported here: mixq.flexible subclasses SliceQuantizer
-        from .flexible import FlexibleQuantizer
+    if cfg.kind == "flexible":  # imported here: FlexibleQuantizer subclasses SliceQuantizer
+        from .flexible_quantizer import FlexibleQuantizer
 
         return FlexibleQuantizer(cfg, num_channels, axis, where)
     return QUANTIZERS[cfg.kind](cfg, num_channels, axis, where)

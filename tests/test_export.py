@@ -35,14 +35,8 @@ from mixq.data import load_cifar10
 from mixq.export import ExportError, ExportFormatError, IntModel, export
 from mixq.export.check import check_parity, file_accounting, integer_sizes
 from mixq.export.intmodel import FORMAT, Fixed, conv2d_int, requantize, round_half_even_div
-from mixq.export.pack import (
-    base_k_bits_per_code,
-    codes_per_word,
-    pack_base_k,
-    pack_bits,
-    unpack_base_k,
-    unpack_bits,
-)
+from mixq.export.pack import pack_base_k, pack_bits, unpack_base_k, unpack_bits
+from mixq.flexible import base_k_bits_per_code, codes_per_word
 from mixq.loader import DeviceLoader
 from mixq.models import create_model
 from mixq.size import size_report

@@ -18,6 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import mixq.flexible as fx
+import mixq.flexible_quantizer as fxq
 from mixq import QuantConfig, QuantizerConfig, UniformQuantizer, fold_bn_, prepare_
 from mixq.config import default_act_config
 from mixq.levels import (
@@ -179,7 +180,7 @@ def test_distinct_codes_sorted_distinct_in_range(codes, b):
     mmin, mmax, _ = fx.grid_codes(b, True)
     m = fx.distinct_codes(np.clip(codes, mmin, mmax), mmin, mmax)
     assert np.all(np.diff(m) > 0) and m.min() >= mmin and m.max() <= mmax
-    t = fx._distinct_torch(torch.tensor(np.clip(codes, mmin, mmax), dtype=torch.float64), mmin, mmax)
+    t = fxq._distinct_torch(torch.tensor(np.clip(codes, mmin, mmax), dtype=torch.float64), mmin, mmax)
     assert np.array_equal(t.numpy(), m)
 
 

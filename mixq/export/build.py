@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as tF
 
+from ..flexible import packing_used
 from ..functional import quantize_uniform
 from ..layers import ActQuant, QConv2d, QLinear
 from ..quantizers import UniformQuantizer
@@ -110,8 +111,6 @@ def _codebook_layer_tensors(layer, name: str, lut_input, tensors: dict) -> dict:
     packed at ceil(log2 k) bits or in base k (manifest `packing`), `w_slices` (S, 2) [bits, exponent
     of the grid step]; bias and input table as for uniform layers. Level j of slice s is
     codebook[s, j] * 2^exponent[s], so the executor's integer arithmetic is unchanged."""
-    from ..flexible import packing_used  # here: mixq.flexible imports mixq.export.pack
-
     wq = layer.w_quant
     if not wq.enabled or wq.signed is False:
         raise ExportError(f"layer {name}: the flexible weight quantizer is disabled or unsigned")

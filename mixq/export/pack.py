@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from ..flexible import codes_per_word
+
 
 def to_unsigned(codes: np.ndarray, bits: np.ndarray, signed: bool) -> np.ndarray:
     """Two's complement of signed codes in `bits` bits (as uint64), unsigned codes unchanged."""
@@ -62,11 +64,6 @@ def unpack_bits(blob: bytes, bits: np.ndarray, signed: bool) -> np.ndarray:
     return from_unsigned(values, bits, signed)
 
 
-def codes_per_word(k: int, word_bits: int = 8) -> int:
-    """How many base-k digits fit in a word: floor(word_bits ln 2 / ln k) (5 ternary per byte)."""
-    return int(math.floor(word_bits * math.log(2) / math.log(k) + 1e-12))
-
-
 def pack_base_k(indices: np.ndarray, k: int) -> bytes:
     """Pack indices in [0, k) as base-k digits, `codes_per_word(k)` per byte (k <= 256)."""
     indices = np.asarray(indices, dtype=np.int64).ravel()
@@ -87,8 +84,3 @@ def unpack_base_k(blob: bytes, k: int, count: int) -> np.ndarray:
     words = np.frombuffer(blob, dtype=np.uint8).astype(np.int64)
     digits = (words[:, None] // (k ** np.arange(per, dtype=np.int64))) % k
     return digits.ravel()[:count]
-
-
-def base_k_bits_per_code(k: int, word_bits: int = 8) -> float:
-    """Stored bits per code with base-k packing in `word_bits`-bit words (1.6 for k=3 in bytes)."""
-    return word_bits / codes_per_word(k, word_bits)
