@@ -79,7 +79,7 @@ class QuantizerConfig:
     bits_init: b0, the width that calibration initializes to; bits_min/bits_max bound the
         counted width (bits_min is a floor of the count, bits_max a projection of qmax).
     init: mean3sigma | pow2_max | percentile | max | fixed (methods.md 1.1.4, 2.1.1).
-    levels, thresholds, level_init, packing: the "flexible" kind only (NUUQ, nuuq.md; mixq/flexible_quantizer.py):
+    levels, thresholds, level_init, packing: the "flexible" kind only (NUUQ, nuuq.md; FlexibleQuantizer):
         k levels (2 <= k <= 2^bits_init; bits_init is the grid bits b) on the b-bit grid, thresholds
         "midpoint" or "learned", levels from the exact grid-constrained optimum ("dp"), k-means then
         snap ("kmeans") or a uniform block ("uniform"); codes stored at ceil(log2 k) bits ("bits"),
