@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import UNITS, parse_bytes
 from .convert import quant_sites
+from .size import SizeAccount
 
 BUDGET_KEYS = ("weight", "act_sum", "act_max")
 
@@ -234,8 +235,6 @@ def enforce_budgets_(model: nn.Module, budgets: Budgets, batch: Tensor,
             samples[id(s.quant)] = s.layer.weight.detach().float()
             if importance is not None and s.fqn in importance:
                 weights[id(s.quant)] = importance[s.fqn].float()
-    from .size import SizeAccount
-
     account, lowered = SizeAccount(model), []
     floors = {id(s.quant): minimum_bits(s.quant) for s in sites}
     cache: dict[int, tuple | None] = {}  # per quantizer: its cheapest one-bit step

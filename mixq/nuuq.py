@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from . import flexible as fx
+from .budget import Budgets
 from .config import (
     LayerRule,
     QuantConfig,
 )
-from .convert import prepare_, quant_sites
+from .convert import fold_bn_, prepare_, quant_sites
 from .flexible_quantizer import FlexibleQuantizer
 from .levels import (
     FlexibleOptions,
@@ -38,8 +39,10 @@ from .levels import (
     mse_report,
     quantizable_layers,
 )
+from .loader import DeviceLoader
 from .recipe import PhaseConfig
-from .train import NonFiniteLoss, PhaseProgress, PhaseRunner, StopFlag, evaluate
+from .size import SizeAccount
+from .train import NonFiniteLoss, PhaseProgress, PhaseRunner, StopFlag, evaluate, save_atomic
 
 # ---------------------------------------------------------------------------------------------
 # quantizing a model
@@ -260,9 +263,6 @@ def add_flexible_summary(summary: dict, model: nn.Module, results: dict) -> dict
 def quantize_like_(job, state: dict) -> None:
     """Rebuild the quantized model of a flexible run (eval, export): fold_bn_ and prepare_ with the
     level counts that the saved state's `levels_raw` shapes hold."""
-    from .convert import fold_bn_
-    from .size import SizeAccount
-
     opts = flexible_options(job.recipe.flexible)
     if job.recipe.fold_bn:
         fold_bn_(job.model)
@@ -278,12 +278,7 @@ def run_flexible(job, results: dict, state: dict | None = None) -> None:
     fold_bn_, level allocation, prepare_ with flexible weights and b_A-bit activations, accuracy
     without fine-tuning, layer-sequential PTQ with fine-tuning, then the recipe's phases as QAT.
     Leaves job.model quantized and job.account / job.budgets set for `pipeline.finish`."""
-    from .budget import Budgets
-    from .convert import fold_bn_
-    from .loader import DeviceLoader
-    from .pipeline import _run_stage, load_checkpoint, load_model_state
-    from .size import SizeAccount
-    from .train import save_atomic
+    from .pipeline import _run_stage, load_checkpoint, load_model_state  # pipeline dispatches here
 
     recipe, folder = job.recipe, job.folder
     opts = flexible_options(recipe.flexible)

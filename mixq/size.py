@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .batched import batch_small_ops
 from .config import UNITS
 from .convert import quant_sites
 from .layers import QUANTIZED_LAYERS
+from .quantizers import UniformQuantizer
 
 
 @torch.no_grad()
@@ -79,9 +81,6 @@ def _site_bits(quants, cache: dict) -> Tensor:
     costs a few ops per group instead of a few per quantizer. Sites come grouped, not in order.
     `cache` keeps the slice-to-site index of each group on its device (built once, no host copy
     per step)."""
-    from .batched import batch_small_ops
-    from .quantizers import UniformQuantizer
-
     groups: dict[tuple, list] = {}
     parts = []
     for q in quants:
